@@ -1,0 +1,233 @@
+"""The torch reference loader: PIL decode + torchvision functional ops, driven by the shared
+AugmentSpec samplers. Slow but obviously correct; the other backends are tested against it.
+
+Determinism: the augmentation of sample `index` in `epoch` depends only on (seed, epoch, index)
+(`sample_rng`), and the batch order only on (seed, epoch), so any worker count, any rank layout and a
+mid-epoch resume produce the same tensors.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec, sample_color,
+                                   sample_crop, sample_rng)
+
+_JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+_IDENTITY = (1.0, 1.0, 1.0, 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _scaled_stats(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(mean, dtype=torch.float32).mul_(255.0).view(3, 1, 1),
+            torch.tensor(std, dtype=torch.float32).mul_(255.0).view(3, 1, 1))
+
+
+def _to_normalised(img: Image.Image, mean, std) -> torch.Tensor:
+    """uint8 HxWx3 -> 3xHxW float32 (x/255 - mean) / std, folded into one subtract and one divide."""
+    m, s = _scaled_stats(tuple(mean), tuple(std))
+    return TF.pil_to_tensor(img).float().sub_(m).div_(s)  # 3xHxW
+
+
+def augment_view(img: Image.Image, v: ViewSpec, rng: np.random.Generator) -> torch.Tensor:
+    """One augmented view (3 x crop x crop, float32, normalised) of an RGB PIL image.
+
+    Order (BYOL): random resized crop -> flip -> colour jitter (random op order) -> grayscale ->
+    Gaussian blur -> solarise. The crop box is drawn before the photometric parameters.
+    """
+    top, left, h, w = sample_crop(rng, img.height, img.width, v.crop_scale, v.crop_ratio)
+    c = sample_color(rng, v)
+    out = TF.resized_crop(img, top, left, h, w, [v.crop_size, v.crop_size],
+                          InterpolationMode.BILINEAR, antialias=True)
+    if c.flip:
+        out = TF.hflip(out)
+    if c.jitter:
+        factors = (c.brightness, c.contrast, c.saturation, c.hue)
+        for op in c.order:
+            if factors[op] != _IDENTITY[op]:  # a zero-width range (e.g. hue 0) draws the identity: skip it
+                out = _JITTER_OPS[op](out, factors[op])
+    if c.gray:
+        out = TF.rgb_to_grayscale(out, num_output_channels=3)
+    if c.blur:
+        out = TF.gaussian_blur(out, [v.blur_kernel, v.blur_kernel], [c.sigma, c.sigma])
+    if c.solarize:
+        out = TF.solarize(out, v.solarize_threshold)  # PIL uint8: values >= threshold -> 255 - value
+    return _to_normalised(out, v.mean, v.std)
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # forces the full decode, so truncated files fail here
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; report them all alike
+        raise RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace "
+                           f"the file") from None
+
+
+class DualViewDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by (epoch, index): decodes once, returns (views, label)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], spec: AugmentSpec, seed: int = 0):
+        self.samples = list(samples)
+        self.spec = spec
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int]:
+        epoch, index = key
+        path, label = self.samples[index]
+        img = _open_rgb(path)
+        rng = sample_rng(self.seed, epoch, index)
+        return tuple(augment_view(img, v, rng) for v in self.spec.views), label
+
+
+class EpochBatchSampler:
+    """Per-epoch permutation split into global batches (last partial batch dropped); each rank takes
+    its contiguous slice of every global batch. Yields lists of (epoch, index)."""
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} is not divisible by the {world_size} "
+                             f"processes; pick a multiple of {world_size}")
+        if num_samples < global_batch:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
+                             f"train.batch_size={global_batch}; lower train.batch_size")
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.per_batch = global_batch // world_size
+        self.steps_per_epoch = num_samples // global_batch
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps_per_epoch} steps")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, gb, pb = self.epoch, self.global_batch, self.per_batch
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        for s in range(self.start_step, self.steps_per_epoch):
+            lo = s * gb + self.rank * pb
+            yield [(epoch, int(i)) for i in perm[lo: lo + pb]]
+
+
+def _collate(batch):
+    views = [torch.stack([item[0][k] for item in batch]) for k in range(len(batch[0][0]))]  # V x Nx3xHxW
+    labels = torch.tensor([item[1] for item in batch], dtype=torch.long)  # N
+    return views, labels
+
+
+class TorchTrainLoader:
+    """The loader seam, torch backend: yields (views: list of Nx3xHxW float32, labels: N long) on CPU."""
+
+    def __init__(self, samples, classes, spec: AugmentSpec, global_batch: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, workers: int = 0, pin_memory: bool = False):
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.spec = spec
+        self.dataset = DualViewDataset(samples, spec, seed)
+        self.sampler = EpochBatchSampler(len(self.dataset), global_batch, rank, world_size, seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=_collate,
+            pin_memory=pin_memory, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class _EvalDataset(torch.utils.data.Dataset):
+    def __init__(self, samples, crop_size: int, resize: int, mean, std):
+        self.samples, self.crop_size, self.resize, self.mean, self.std = samples, crop_size, resize, mean, std
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        img = TF.resize(_open_rgb(path), self.resize, InterpolationMode.BILINEAR, antialias=True)
+        img = TF.center_crop(img, [self.crop_size, self.crop_size])
+        return _to_normalised(img, self.mean, self.std), label
+
+
+class EvalLoader:
+    """Deterministic evaluation: resize the shorter side to `resize`, centre-crop `crop_size`,
+    normalise; yields (images Nx3xHxW float32, labels N long) in sample order. `max_samples` keeps an
+    evenly spaced subset (class-balanced when the samples are sorted by class)."""
+
+    def __init__(self, samples, classes, *, crop_size: int, resize: int, batch_size: int = 256,
+                 workers: int = 0, max_samples: Optional[int] = None, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, pin_memory: bool = False):
+        samples = list(samples)
+        if max_samples is not None and max_samples < len(samples):
+            keep = (np.arange(max_samples) * len(samples)) // max_samples
+            samples = [samples[i] for i in keep]
+        self.samples = samples
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.crop_size, self.resize = crop_size, resize
+        self.loader = torch.utils.data.DataLoader(
+            _EvalDataset(samples, crop_size, resize, mean, std), batch_size=batch_size, shuffle=False,
+            num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class SyntheticLoader:
+    """`data.source: synthetic`: one pre-generated per-process batch of random normalised views and
+    labels, created once on `device` and yielded steps_per_epoch times (the training step without I/O).
+    The same tensors are yielded every step: callers must not modify them in place."""
+
+    def __init__(self, spec: AugmentSpec, global_batch: int, rank: int = 0, world_size: int = 1,
+                 num_classes: int = 1000, num_samples: int = 1281167, seed: int = 0, device="cpu"):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} is not divisible by the {world_size} "
+                             f"processes; pick a multiple of {world_size}")
+        if num_samples < global_batch:
+            raise ValueError(f"data.synthetic_size={num_samples} is smaller than one global batch of "
+                             f"train.batch_size={global_batch}")
+        self.classes = [str(i) for i in range(num_classes)]
+        self.num_classes = num_classes
+        self.spec = spec
+        self.steps_per_epoch = num_samples // global_batch
+        self.start_step = 0
+        pb = global_batch // world_size
+        g = torch.Generator().manual_seed(seed * 1000003 + rank)  # generated on CPU: same on any device
+        self.views = [torch.randn(pb, 3, v.crop_size, v.crop_size, generator=g).to(device)  # Nx3xHxW
+                      for v in spec.views]
+        self.labels = torch.randint(0, num_classes, (pb,), generator=g).to(device)  # N
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield self.views, self.labels
