@@ -21,12 +21,17 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the run; the message names the file and the fix."""
+
+
 def load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated / corrupt file
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}; remove it or point train.resume "
-                           f"at another checkpoint") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load checkpoint {path} ({reason}); remove it or point "
+                              f"train.resume at another checkpoint") from None
 
 
 def rng_state() -> dict:

@@ -18,7 +18,7 @@ def _train_parser(prog: str = "fastairl train") -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str]) -> int:
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)  # overrides may follow --run-dir
     overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
     try:
         cfg = load_config(args.recipe, overrides)

@@ -192,13 +192,20 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         (run_dir / "classes.txt").write_text("\n".join(loader.classes) + "\n")
 
     step = 0
+    summary: dict = {"knn": []}
     if resume_from is not None:
         state = checkpoint.load(resume_from)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # another arch / head size / method: torch's message spans many lines
+            raise checkpoint.CheckpointError(
+                f"{resume_from} does not fit this config ({str(e).splitlines()[-1].strip()}); resume with "
+                f"the run's config.yaml or start a new run dir") from None
         optimizer.load_state_dict(state["optimizer"])
         if probe_opt is not None:
             probe_opt.load_state_dict(state["probe_optimizer"])
         step = state["step"]
+        summary["knn"] = state.get("knn", [])  # the epoch-end history of the earlier legs
         log.info(f"resumed from {resume_from} at step {step} (epoch {step // spe}, batch {step % spe})")
 
     unwrapped = model
@@ -218,13 +225,13 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                  "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                 "step": step, "epoch": step / spe, "config": config_to_dict(cfg), "rng": checkpoint.rng_state()}
+                 "step": step, "epoch": step / spe, "config": config_to_dict(cfg), "rng": checkpoint.rng_state(),
+                 "knn": summary["knn"]}
         checkpoint.save_atomic(state, run_dir / name)
 
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     last_ckpt = time.monotonic()
-    summary: dict = {"knn": []}
     progress = None
     if main and cfg.train.progress:
         from tqdm import tqdm

@@ -25,3 +25,15 @@ def photo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundled") / "photos"
     make_photo_corpus(root, n_images=40)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier (`@pytest.mark.cuda`) skips cleanly where CUDA is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

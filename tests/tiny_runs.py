@@ -1,0 +1,74 @@
+"""Tiny real training runs for the CPU tier: recipes written as diffs of the repository's recipes, a
+small ImageFolder cut from the bundled digits, and the launch script run as a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / "fastairl" / "train.py"
+
+# Small enough for 2 CPU cores: a one-block-per-stage ResNet, 64/32-wide heads, 32-px crops, batch 16.
+TINY = {
+    "model": {"arch": "resnet10", "projector": {"hidden_dim": 64, "out_dim": 32},
+              "predictor": {"hidden_dim": 64, "out_dim": 32}},
+    "method": {"queue_size": 32, "bn": "shuffle"},
+    "optim": {"warmup_epochs": 1},
+    "aug": {"preset": "byol_sym", "crop_size": 32},
+    "data": {"val": None, "workers": 0},
+    "train": {"epochs": 2, "batch_size": 16, "log_every": 1, "progress": False, "ckpt_every_epochs": 0},
+    "probe": {"knn_every_epochs": 0, "final_eval": False},
+}
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def write_recipe(path: Path, train_dir, base: str = "mocov2plus.yaml", **sections) -> Path:
+    """A recipe at `path` that says `base: <repo>/recipes/<base>` and changes only the TINY keys,
+    `data.train` and `sections` (e.g. train={"epochs": 3})."""
+    raw = _merge(json.loads(json.dumps(TINY)), {"data": {"train": str(train_dir)}})
+    raw = _merge(raw, sections)
+    raw = {"base": str(REPO / "recipes" / base), "name": "tiny", **raw}
+    path = Path(path)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def small_folder(src, dst, per_class: int) -> Path:
+    """Copy the first `per_class` images of every class of the ImageFolder `src` to `dst`."""
+    src, dst = Path(src), Path(dst)
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:per_class]:
+            shutil.copy(f, dst / cls.name / f.name)
+    return dst
+
+
+def run(cmd: list, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_cmd(*args) -> list:
+    """`python fastairl/train.py ARGS`: the launch script as a user runs it."""
+    return [sys.executable, str(TRAIN_PY), *args]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss_ssl of every training row of metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss_ssl"] for r in rows if "loss_ssl" in r}
