@@ -302,6 +302,8 @@ def _coerce(v: Any, tp, key: str, sources: dict, origin: str):
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(v, inner, key, sources, origin)
     if origin_tp is Literal:
+        if v is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            v = "no"
         if v not in args:
             fail("one of " + ", ".join(map(repr, args)))
         return v

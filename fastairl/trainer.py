@@ -111,6 +111,17 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run dir {run_dir} is not writable ({e.strerror}); set train.out_dir or --run-dir") from None
 
 
+def _set_cpu_threads(cfg: Config, accelerator) -> None:
+    """On CPU, give each process its share of the cores minus its loader workers: oversubscribed
+    intra-op threads made steps 5-12x slower on a 2-core machine (benchmarks/bench_step.py)."""
+    import os
+
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // accelerator.num_processes - cfg.data.workers))
+
+
 def build_model(cfg: Config, num_classes: int, accelerator, log: RunLog) -> nn.Module:
     model = build_method(cfg, num_classes)
     if cfg.method.bn == "sync":
@@ -160,6 +171,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         # every buffer from rank 0 each step would copy the 65k-key queue for nothing.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     main = accelerator.is_main_process
+    _set_cpu_threads(cfg, accelerator)
     if main:
         _check_writable(run_dir)
     accelerator.wait_for_everyone()
@@ -180,7 +192,8 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     total_steps, warmup_steps = epochs * spe, round(cfg.optim.warmup_epochs * spe)
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
 
-    model = build_model(cfg, loader.num_classes, accelerator, log)
+    # on the device before the optimizer is built, so SGD can choose its fused CUDA kernel
+    model = build_model(cfg, loader.num_classes, accelerator, log).to(accelerator.device)
     optimizer = build_optimizer(cfg.optim, model.student, cfg.train.batch_size)
     probe_opt = (torch.optim.SGD(model.probe.parameters(), lr=cfg.probe.lr, momentum=0.9)
                  if model.probe is not None else None)
@@ -339,4 +352,5 @@ def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: in
         lin = linear_probe(bf, by, vf, vy, num_classes, epochs=cfg.probe.final_linear_epochs, seed=cfg.train.seed)
         out[name] = {"knn_top1": knn, "linear_top1": lin["top1"], "linear_top5": lin["top5"]}
         log.info(f"final eval [{name}]: kNN top-1 {knn:.2f}%  linear top-1 {lin['top1']:.2f}%")
+    out["gain_over_random_init"] = {k: out["pretrained"][k] - out["random_init"][k] for k in out["pretrained"]}
     return out
