@@ -1,0 +1,60 @@
+"""The train-step benchmark runs end to end and writes a complete report (never asserts on speed)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("byol_sgd", "mocov2plus")
+SUMMARY_KEYS = ("fastairl_img_per_s", "bare_img_per_s", "overhead_ratio", "fastairl_step_s", "bare_step_s",
+                "pipeline_img_per_s", "e2e_img_per_s", "data_wait_frac", "e2e_data_wait_s_per_step",
+                "e2e_compute_s_per_step")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.mark.slow
+def test_bench_step_quick(tmp_path):
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick",
+                           "--methods", ",".join(METHODS), "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "corpus").is_dir()  # the corpus cache defaults to the folder of --out
+    report = json.loads(out.read_text())
+
+    env = report["environment"]
+    for key in ("python", "torch", "torchvision", "accelerate", "cpu_model", "torch_threads", "cuda_available"):
+        assert key in env, key
+    assert env["torch_threads"] == 1  # --quick pins one thread
+    params = report["params"]
+    for key in ("arch", "crop", "batch", "steps", "warmup", "repeats", "workers", "threads", "device"):
+        assert key in params, key
+    assert params["quick"] is True and params["methods"] == list(METHODS)
+
+    assert set(report["results"]) == set(METHODS) == set(report["configs"])
+    for name, res in report["results"].items():
+        for key in SUMMARY_KEYS:
+            s = res[key]
+            assert len(s["repeats"]) == params["repeats"], (name, key)
+            assert all(_finite(v) for v in [s["median"], s["min"], s["max"], *s["repeats"]]), (name, key, s)
+            assert s["min"] <= s["median"] <= s["max"], (name, key, s)
+            if key != "data_wait_frac" and key != "e2e_data_wait_s_per_step":
+                assert s["min"] > 0, (name, key, s)
+        assert 0 <= res["data_wait_frac"]["min"] and res["data_wait_frac"]["max"] <= 1
+        # the bare loop starts from the library's weights on the same batch: it computes the same loss
+        first = res["first_step_loss"]
+        assert _finite(first["fastairl"]) and first["fastairl"] > 0
+        assert first["bare"] == pytest.approx(first["fastairl"], rel=1e-3, abs=1e-4)
+        assert report["configs"][name]["resolved"]["method"]["bn"] == "plain"
+
+    assert "bare/fastairl" in proc.stdout and "pipeline img/s" in proc.stdout  # the printed table
