@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from tiny_runs import REPO, TRAIN_PY, losses, run, small_folder, train_cmd, write_recipe
+from tiny_runs import REPO, TRAIN_PY, losses, one_line_error, run, small_folder, train_cmd, write_recipe
 
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "summary.json", "classes.txt", "last.pt")
 
@@ -22,32 +22,22 @@ def recipe(digits_root, tmp_path_factory):
     return write_recipe(tmp_path_factory.mktemp("cli") / "tiny.yaml", digits_root / "train")
 
 
-def _one_line_error(proc, *fragments) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
-
-
 # ------------------------------------------------------------------------------------- bad inputs
 def test_missing_recipe(tmp_path):
     proc = run(train_cmd(tmp_path / "nope.yaml"), cwd=tmp_path)
-    _one_line_error(proc, "recipe not found", "nope.yaml")
+    one_line_error(proc, "recipe not found", "nope.yaml")
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ntrain:\n  epochs: [1,\n")
     proc = run(train_cmd(bad), cwd=tmp_path)
-    _one_line_error(proc, f"bad YAML in {bad}", "line 4")
+    one_line_error(proc, f"bad YAML in {bad}", "line 4")
 
 
 def test_unknown_key_lists_the_valid_keys(recipe, tmp_path):
     proc = run(train_cmd(recipe, "train.batch_sise=32"), cwd=tmp_path)
-    line = _one_line_error(proc, "unknown key 'train.batch_sise'", "valid keys under 'train'")
+    line = one_line_error(proc, "unknown key 'train.batch_sise'", "valid keys under 'train'")
     for key in ("batch_size", "epochs", "max_steps", "resume"):
         assert key in line
 
@@ -56,7 +46,7 @@ def test_unknown_key_in_a_recipe_names_the_file(recipe, tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"base: {recipe}\nmethod:\n  lossy: byol\n")
     proc = run(train_cmd(child), cwd=tmp_path)
-    _one_line_error(proc, str(child), "unknown key 'method.lossy'", "loss")
+    one_line_error(proc, str(child), "unknown key 'method.lossy'", "loss")
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -66,27 +56,27 @@ def test_unknown_key_in_a_recipe_names_the_file(recipe, tmp_path):
 ])
 def test_wrong_type(recipe, tmp_path, override, expected):
     proc = run(train_cmd(recipe, override), cwd=tmp_path)
-    _one_line_error(proc, f"override '{override}'", expected)
+    one_line_error(proc, f"override '{override}'", expected)
 
 
 def test_missing_data_dir_names_the_key_and_the_fix(recipe, tmp_path):
     missing = tmp_path / "no_such_dir"
     proc = run(train_cmd(recipe, f"data.train={missing}", "--run-dir", tmp_path / "run"), cwd=tmp_path)
-    _one_line_error(proc, "data.train", str(missing), "does not exist", "fastairl data digits")
+    one_line_error(proc, "data.train", str(missing), "does not exist", "fastairl data digits")
 
 
 def test_empty_class_folder_is_named(digits_root, recipe, tmp_path):
     root = small_folder(digits_root / "train", tmp_path / "train", per_class=2)
     (root / "zz_empty").mkdir()
     proc = run(train_cmd(recipe, f"data.train={root}", "--run-dir", tmp_path / "run"), cwd=tmp_path)
-    _one_line_error(proc, "data.train", str(root / "zz_empty"), "has no images")
+    one_line_error(proc, "data.train", str(root / "zz_empty"), "has no images")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nvidia") is not None
                     and importlib.util.find_spec("nvidia.dali") is not None, reason="DALI is installed")
 def test_dali_without_dali_says_how_to_install(recipe, tmp_path):
     proc = run(train_cmd(recipe, "data.pipeline=dali", "--run-dir", tmp_path / "run"), cwd=tmp_path)
-    line = _one_line_error(proc)
+    line = one_line_error(proc)
     assert line == "error: DALI is not installed: pip install 'fastairl[dali]'"
 
 

@@ -11,7 +11,7 @@ import torch
 
 from fastairl.config import load_config
 from fastairl.trainer import train
-from tiny_runs import losses, run, small_folder, train_cmd, write_recipe
+from tiny_runs import losses, one_line_error, run, small_folder, train_cmd, write_recipe
 
 pytestmark = pytest.mark.slow  # every test here needs a real training run
 
@@ -88,16 +88,6 @@ def _copy(reference, tmp_path):
     return run_dir
 
 
-def _one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
-
-
 def test_resuming_a_finished_run_trains_nothing(reference, tmp_path):
     run_dir = _copy(reference, tmp_path)
     before = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "last.pt")}
@@ -114,7 +104,7 @@ def test_resuming_a_finished_run_trains_nothing(reference, tmp_path):
 def test_resume_none_on_an_existing_run_is_refused(reference, tmp_path):
     run_dir = _copy(reference, tmp_path)
     proc = run(train_cmd(run_dir / "config.yaml", "--run-dir", run_dir, "train.resume=none"), cwd=tmp_path)
-    _one_line_error(proc, str(run_dir), "already holds a run", "train.resume=auto")
+    one_line_error(proc, str(run_dir), "already holds a run", "train.resume=auto")
 
 
 def test_truncated_checkpoint_is_a_clear_error(reference, tmp_path):
@@ -122,11 +112,11 @@ def test_truncated_checkpoint_is_a_clear_error(reference, tmp_path):
     data = (run_dir / "last.pt").read_bytes()
     (run_dir / "last.pt").write_bytes(data[: len(data) // 3])
     proc = run(train_cmd(run_dir / "config.yaml", "train.resume=auto", "--run-dir", run_dir), cwd=tmp_path)
-    _one_line_error(proc, f"cannot load checkpoint {run_dir / 'last.pt'}", "remove it")
+    one_line_error(proc, f"cannot load checkpoint {run_dir / 'last.pt'}", "remove it")
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(reference, tmp_path):
     run_dir = _copy(reference, tmp_path)
     proc = run(train_cmd(run_dir / "config.yaml", "train.resume=auto", "model.projector.hidden_dim=48",
                          "--run-dir", run_dir), cwd=tmp_path)
-    _one_line_error(proc, f"{run_dir / 'last.pt'} does not fit this config", "size mismatch", "config.yaml")
+    one_line_error(proc, f"{run_dir / 'last.pt'} does not fit this config", "size mismatch", "config.yaml")

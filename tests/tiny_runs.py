@@ -72,3 +72,14 @@ def losses(run_dir) -> dict[int, float]:
     """step -> loss_ssl of every training row of metrics.jsonl."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss_ssl"] for r in rows if "loss_ssl" in r}
+
+
+def one_line_error(proc, *fragments) -> str:
+    """The CLI failed with exit 2 and one `error: ...` line holding every fragment, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
