@@ -19,6 +19,19 @@ TOTAL = 4  # 2 epochs of 2 steps (40 images, batch 16)
 NOISY = ("img_per_s", "data_wait_frac")  # wall-clock measurements
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fixed_threads():
+    """Bit-exactness holds for a fixed intra-op thread count; the trainer otherwise sizes the pool by
+    data.workers, and these runs compare workers=0 with workers=1. OMP_NUM_THREADS makes it keep ours."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def images(digits_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
