@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from fastairl.config import _deep_merge  # the recipes' own merge rule
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "fastairl" / "train.py"
 
@@ -27,20 +29,12 @@ TINY = {
 }
 
 
-def _merge(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
-    return dst
-
-
 def write_recipe(path: Path, train_dir, base: str = "mocov2plus.yaml", **sections) -> Path:
     """A recipe at `path` that says `base: <repo>/recipes/<base>` and changes only the TINY keys,
     `data.train` and `sections` (e.g. train={"epochs": 3})."""
-    raw = _merge(json.loads(json.dumps(TINY)), {"data": {"train": str(train_dir)}})
-    raw = _merge(raw, sections)
+    raw = json.loads(json.dumps(TINY))
+    _deep_merge(raw, {"data": {"train": str(train_dir)}})
+    _deep_merge(raw, sections)
     raw = {"base": str(REPO / "recipes" / base), "name": "tiny", **raw}
     path = Path(path)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
