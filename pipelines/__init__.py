@@ -7,30 +7,17 @@ imported only when asked for.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
-_EXTRAS = {"dali": "DALI", "ffcv": "FFCV"}
-_ISSUES = {"dali": 4, "ffcv": 5}
+from fastairl.extras import MissingExtra, require  # noqa: F401  (re-exported: the loader seam's errors)
 
-
-class MissingExtra(ImportError):
-    """An optional backend is not installed; the message gives the pip command."""
-
-
-def require(extra: str, module: str):
-    """Import `module` of the optional extra `extra`, or raise MissingExtra with the install line."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        name = _EXTRAS.get(extra, extra)
-        raise MissingExtra(f"{name} is not installed: pip install 'fastairl[{extra}]'") from None
+_BACKENDS = {"dali": ("nvidia.dali", "DALI", 4), "ffcv": ("ffcv", "FFCV", 5)}  # module, name, issue
 
 
 def _require_backend(pipeline: str) -> None:
-    require(pipeline, {"dali": "nvidia.dali", "ffcv": "ffcv"}[pipeline])
-    raise NotImplementedError(f"the {_EXTRAS[pipeline]} backend lands with issue #{_ISSUES[pipeline]}; "
-                              f"use data.pipeline: torch for now")
+    module, name, issue = _BACKENDS[pipeline]
+    require(pipeline, module)
+    raise NotImplementedError(f"the {name} backend lands with issue #{issue}; use data.pipeline: torch for now")
 
 
 def eval_resize(cfg) -> int:

@@ -7,7 +7,6 @@ a temporary sibling folder that is renamed into place, so a half-written dataset
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import os
@@ -18,16 +17,9 @@ from typing import Callable
 import numpy as np
 
 from fastairl.data.datasets import DataError
+from fastairl.extras import require
 
 MANIFEST = "manifest.json"
-
-
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"the bundled datasets need {module.split('.')[0]}: "
-                          f"pip install 'fastairl[data]'") from None
 
 
 def _build_atomically(root, params: dict, build: Callable[[Path], dict]) -> dict:
@@ -74,7 +66,7 @@ def make_digits(root, size: int = 32, val_fraction: float = 0.2, seed: int = 0) 
         raise DataError(f"digits size must be >= 8 (the source images are 8x8), got {size}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"digits val_fraction must be in [0, 1), got {val_fraction}")
-    datasets = _need("sklearn.datasets")
+    datasets = require("data", "sklearn.datasets")
     from PIL import Image
 
     params = dict(size=size, val_fraction=val_fraction, seed=seed)
@@ -110,8 +102,8 @@ def make_digits(root, size: int = 32, val_fraction: float = 0.2, seed: int = 0) 
 def _photo_sources() -> tuple[list[tuple[str, np.ndarray]], list[dict]]:
     """(name, HxWx3 uint8) of every real photo available offline, colour photos first; and the ones
     skipped with the reason (some skimage images need the optional `pooch` download)."""
-    skd = _need("skimage.data")
-    skds = _need("sklearn.datasets")
+    skd = require("data", "skimage.data")
+    skds = require("data", "sklearn.datasets")
     loaders = [
         ("astronaut", skd.astronaut), ("chelsea", skd.chelsea), ("coffee", skd.coffee),
         ("rocket", skd.rocket), ("hubble_deep_field", skd.hubble_deep_field),
