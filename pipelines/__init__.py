@@ -1,23 +1,42 @@
 """The loader seam: the trainer asks for a loader here and never imports a backend itself.
 
-Every train loader has `steps_per_epoch`, `num_classes`, `classes`, `set_epoch(epoch, start_step=0)`
-(call it before each epoch), `__len__` (steps left in the epoch) and yields
-`(views: list of Nx3xHxW float32, labels: N int64)`. Backends with heavy dependencies (DALI, FFCV) are
-imported only when asked for.
+Every backend is a module `fastairl.pipelines.<name>` with two functions:
+
+    train_loader(cfg, spec, *, rank, world_size, device) -> train loader
+    eval_loader(cfg, path, *, max_samples, batch_size, pin_memory) -> eval loader
+
+A train loader has `steps_per_epoch`, `num_classes`, `classes`, `set_epoch(epoch, start_step=0)` (call
+it before each epoch), `__len__` (steps left in the epoch) and yields
+`(views: list of Nx3xHxW float32, labels: N int64)`. A backend that only decodes, crops and flips sets
+`uint8_views = True` and yields uint8 views instead; the seam then wraps it in
+`fastairl.data.device_aug.DeviceAugLoader`, which runs the rest of the AugmentSpec (jitter, grayscale,
+blur, solarise, normalise) per sample on the training device. An eval loader yields
+`(images: Nx3xHxW float32, labels: N int64)` in sample order.
+
+Backends with heavy dependencies (DALI, FFCV) are imported only when asked for, behind
+`fastairl.extras.require`, so a missing extra is one clear error.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 from fastairl.extras import MissingExtra, require  # noqa: F401  (re-exported: the loader seam's errors)
 
-_BACKENDS = {"dali": ("nvidia.dali", "DALI", 4), "ffcv": ("ffcv", "FFCV", 5)}  # module, name, issue
+# pipeline name -> (backend module, the extra's import name or None)
+BACKENDS = {
+    "torch": ("fastairl.pipelines.torch_ref", None),
+    "dali": ("fastairl.pipelines.dali", "nvidia.dali"),
+    "ffcv": ("fastairl.pipelines.ffcv_loader", "ffcv"),
+}
 
 
-def _require_backend(pipeline: str) -> None:
-    module, name, issue = _BACKENDS[pipeline]
-    require(pipeline, module)
-    raise NotImplementedError(f"the {name} backend lands with issue #{issue}; use data.pipeline: torch for now")
+def backend(pipeline: str):
+    """The backend module for `data.pipeline` (imports its extra first: MissingExtra if absent)."""
+    module, extra = BACKENDS[pipeline]
+    if extra is not None:
+        require(pipeline, extra)
+    return importlib.import_module(module)
 
 
 def eval_resize(cfg) -> int:
@@ -36,30 +55,21 @@ def build_train_loader(cfg, spec, *, rank: int, world_size: int, device):
 
         return SyntheticLoader(spec, cfg.train.batch_size, rank, world_size, cfg.data.num_classes,
                                cfg.data.synthetic_size, cfg.train.seed, device)
-    if cfg.data.pipeline != "torch":
-        _require_backend(cfg.data.pipeline)
-    from fastairl.data.datasets import load_samples
-    from fastairl.pipelines.torch_ref import TorchTrainLoader
+    loader = backend(cfg.data.pipeline).train_loader(cfg, spec, rank=rank, world_size=world_size,
+                                                      device=device)
+    if getattr(loader, "uint8_views", False):
+        from fastairl.data.device_aug import DeviceAugLoader
 
-    samples, classes = load_samples(cfg.data, cfg.data.train, key="data.train")
-    return TorchTrainLoader(samples, classes, spec, cfg.train.batch_size, rank, world_size,
-                            cfg.train.seed, cfg.data.workers, pin_memory=device.type == "cuda")
+        loader = DeviceAugLoader(loader, spec, device, seed=cfg.train.seed, rank=rank)
+    return loader
 
 
 def build_eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None,
                       batch_size: int = 256, pin_memory: bool = False):
-    from fastairl.data.datasets import DataError, load_samples
+    from fastairl.data.datasets import DataError
 
     if cfg.data.source == "synthetic":
         raise DataError("data.source is synthetic: there are no images to evaluate on; set "
                         "probe.knn_every_epochs: 0 and probe.final_eval: false")
-    if cfg.data.pipeline != "torch":
-        _require_backend(cfg.data.pipeline)
-    from fastairl.data.augment import spec_from_config
-    from fastairl.pipelines.torch_ref import EvalLoader
-
-    v = spec_from_config(cfg.aug).views[0]
-    samples, classes = load_samples(cfg.data, path)
-    return EvalLoader(samples, classes, crop_size=cfg.aug.crop_size, resize=eval_resize(cfg),
-                      batch_size=batch_size, workers=cfg.data.workers, max_samples=max_samples,
-                      mean=v.mean, std=v.std, pin_memory=pin_memory)
+    return backend(cfg.data.pipeline).eval_loader(cfg, path, max_samples=max_samples,
+                                                  batch_size=batch_size, pin_memory=pin_memory)

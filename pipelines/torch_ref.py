@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec, sample_color,
-                                   sample_crop, sample_rng)
+                                   sample_crop, sample_rng, spec_from_config)
 
 _JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)
@@ -231,3 +231,24 @@ class SyntheticLoader:
     def __iter__(self):
         for _ in range(len(self)):
             yield self.views, self.labels
+
+
+# ------------------------------------------------------------------------- the seam's entry points
+def train_loader(cfg, spec: AugmentSpec, *, rank: int, world_size: int, device) -> TorchTrainLoader:
+    from fastairl.data.datasets import load_samples
+
+    samples, classes = load_samples(cfg.data, cfg.data.train, key="data.train")
+    return TorchTrainLoader(samples, classes, spec, cfg.train.batch_size, rank, world_size,
+                            cfg.train.seed, cfg.data.workers, pin_memory=torch.device(device).type == "cuda")
+
+
+def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, batch_size: int = 256,
+                pin_memory: bool = False) -> EvalLoader:
+    from fastairl.data.datasets import load_samples
+    from fastairl.pipelines import eval_resize
+
+    v = spec_from_config(cfg.aug).views[0]
+    samples, classes = load_samples(cfg.data, path)
+    return EvalLoader(samples, classes, crop_size=cfg.aug.crop_size, resize=eval_resize(cfg),
+                      batch_size=batch_size, workers=cfg.data.workers, max_samples=max_samples,
+                      mean=v.mean, std=v.std, pin_memory=pin_memory)
