@@ -84,6 +84,9 @@ class AugConfig:
     # the loader only decodes, crops and flips (uint8); jitter, grayscale, blur, solarise and
     # normalisation run per sample, batched, on the training device (fastairl/data/device_aug.py)
     on_device: bool = False
+    # how loader workers decode and augment on CPU: pil = the torchvision reference; opencv = uint8
+    # OpenCV ops after one DCT-scaled decode for both views (fastairl/data/cv_aug.py), several x faster
+    engine: Literal["pil", "opencv"] = "pil"
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-_NAMES = {"dali": "DALI", "ffcv": "FFCV", "sklearn": "scikit-learn", "skimage": "scikit-image"}
+_NAMES = {"dali": "DALI", "ffcv": "FFCV", "opencv": "OpenCV", "sklearn": "scikit-learn", "skimage": "scikit-image"}
 
 
 class MissingExtra(ImportError):

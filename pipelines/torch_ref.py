@@ -35,11 +35,13 @@ def _to_normalised(img: Image.Image, mean, std) -> torch.Tensor:
     return TF.pil_to_tensor(img).float().sub_(m).div_(s)  # 3xHxW
 
 
-def augment_view(img: Image.Image, v: ViewSpec, rng: np.random.Generator) -> torch.Tensor:
+def augment_view(img: Image.Image, v: ViewSpec, rng: np.random.Generator, finish: bool = True) -> torch.Tensor:
     """One augmented view (3 x crop x crop, float32, normalised) of an RGB PIL image.
 
     Order (BYOL): random resized crop -> flip -> colour jitter (random op order) -> grayscale ->
     Gaussian blur -> solarise. The crop box is drawn before the photometric parameters.
+    `finish=False` stops after the flip and returns uint8 (`aug.on_device`: the rest runs batched on
+    the device); the same draws are consumed, so crops and flips do not change.
     """
     top, left, h, w = sample_crop(rng, img.height, img.width, v.crop_scale, v.crop_ratio)
     c = sample_color(rng, v)
@@ -47,6 +49,8 @@ def augment_view(img: Image.Image, v: ViewSpec, rng: np.random.Generator) -> tor
                           InterpolationMode.BILINEAR, antialias=True)
     if c.flip:
         out = TF.hflip(out)
+    if not finish:
+        return TF.pil_to_tensor(out)  # 3xHxW uint8
     if c.jitter:
         factors = (c.brightness, c.contrast, c.saturation, c.hue)
         for op in c.order:
@@ -70,13 +74,35 @@ def _open_rgb(path: str) -> Image.Image:
                            f"the file") from None
 
 
+class PILViews:
+    """The reference view maker: full PIL decode, then `augment_view` per view."""
+
+    def __init__(self, spec: AugmentSpec, finish: bool = True):
+        self.spec, self.finish = spec, finish
+
+    def __call__(self, path: str, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        img = _open_rgb(path)
+        return tuple(augment_view(img, v, rng, self.finish) for v in self.spec.views)
+
+
+def view_maker(spec: AugmentSpec, engine: str = "pil", finish: bool = True):
+    """`aug.engine`: pil (the reference) or opencv (uint8 OpenCV ops, DCT-scaled decode)."""
+    if engine == "opencv":
+        from fastairl.data.cv_aug import OpenCVViews
+
+        return OpenCVViews(spec, finish)
+    return PILViews(spec, finish)
+
+
 class DualViewDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by (epoch, index): decodes once, returns (views, label)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], spec: AugmentSpec, seed: int = 0):
+    def __init__(self, samples: Sequence[tuple[str, int]], spec: AugmentSpec, seed: int = 0,
+                 finish: bool = True, engine: str = "pil"):
         self.samples = list(samples)
         self.spec = spec
         self.seed = seed
+        self.make_views = view_maker(spec, engine, finish)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,9 +110,7 @@ class DualViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int]:
         epoch, index = key
         path, label = self.samples[index]
-        img = _open_rgb(path)
-        rng = sample_rng(self.seed, epoch, index)
-        return tuple(augment_view(img, v, rng) for v in self.spec.views), label
+        return self.make_views(path, sample_rng(self.seed, epoch, index)), label
 
 
 class EpochBatchSampler:
@@ -132,14 +156,17 @@ def _collate(batch):
 
 
 class TorchTrainLoader:
-    """The loader seam, torch backend: yields (views: list of Nx3xHxW float32, labels: N long) on CPU."""
+    """The loader seam, torch backend: yields (views: list of Nx3xHxW float32, labels: N long) on CPU;
+    with `on_device`, uint8 crops (the seam finishes them with fastairl.data.device_aug)."""
 
     def __init__(self, samples, classes, spec: AugmentSpec, global_batch: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, workers: int = 0, pin_memory: bool = False):
+                 world_size: int = 1, seed: int = 0, workers: int = 0, pin_memory: bool = False,
+                 on_device: bool = False, engine: str = "pil"):
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.spec = spec
-        self.dataset = DualViewDataset(samples, spec, seed)
+        self.uint8_views = on_device
+        self.dataset = DualViewDataset(samples, spec, seed, finish=not on_device, engine=engine)
         self.sampler = EpochBatchSampler(len(self.dataset), global_batch, rank, world_size, seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.loader = torch.utils.data.DataLoader(
@@ -239,7 +266,8 @@ def train_loader(cfg, spec: AugmentSpec, *, rank: int, world_size: int, device) 
 
     samples, classes = load_samples(cfg.data, cfg.data.train, key="data.train")
     return TorchTrainLoader(samples, classes, spec, cfg.train.batch_size, rank, world_size,
-                            cfg.train.seed, cfg.data.workers, pin_memory=torch.device(device).type == "cuda")
+                            cfg.train.seed, cfg.data.workers, pin_memory=torch.device(device).type == "cuda",
+                            on_device=cfg.aug.on_device, engine=cfg.aug.engine)
 
 
 def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, batch_size: int = 256,
