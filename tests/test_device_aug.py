@@ -211,3 +211,25 @@ def test_cuda_equals_cpu_for_the_same_draws():
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
     g = torch.Generator(device="cuda").manual_seed(0)
     assert BatchAugment(v).cuda()(x.cuda(), g).is_cuda
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["aug.on_device=true"], ["aug.engine=opencv"],
+                                       ["aug.engine=opencv", "aug.on_device=true"]])
+def test_trainer_runs_with_each_augmentation_engine(digits_root, tmp_path, overrides):
+    import json
+
+    from tiny_runs import losses, run, train_cmd, write_recipe
+
+    if "aug.engine=opencv" in overrides:
+        pytest.importorskip("cv2")
+    recipe = write_recipe(tmp_path / "tiny.yaml", digits_root / "train")
+    proc = run(train_cmd(recipe, *overrides, "train.max_steps=2", "--run-dir", tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = losses(tmp_path / "run")
+    assert sorted(logged) == [1, 2] and all(math.isfinite(v) for v in logged.values())
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    for ov in overrides:
+        key, value = ov.split("=")
+        assert f"{key.split('.')[1]}: {value}" in resolved
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2

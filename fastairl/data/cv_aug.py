@@ -101,27 +101,20 @@ def _bad(path: str, e: Exception) -> RuntimeError:
     return RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace the file")
 
 
-def decode_scaled(path: str, reduce: int = 1) -> tuple[Image.Image, int]:
-    """Decode to RGB, shrunk by `reduce` (1, 2, 4 or 8) in the JPEG DCT where the format allows.
-    Returns (image, the reduction applied): decoded pixel x covers original pixels [x·r, (x+1)·r)."""
+def decode_for_crops(path: str, plan) -> tuple[Image.Image, int, object]:
+    """Open `path` once: read its size from the header, call `plan(width, height)` -> (reduce, draws),
+    then decode to RGB shrunk by `reduce` (1, 2, 4 or 8) in the JPEG DCT where the format allows.
+    Returns (image, the reduction applied, draws): decoded pixel x covers original [x·r, (x+1)·r)."""
     try:
         with Image.open(path) as im:
             w0 = im.width
+            reduce, draws = plan(im.width, im.height)
             if reduce > 1 and im.format == "JPEG":
                 im.draft("RGB", (-(-im.width // reduce), -(-im.height // reduce)))
             img = im.convert("RGB")  # forces the full decode: truncated files fail here
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; report them all alike
         raise _bad(path, e) from None
-    return img, max(1, round(w0 / img.width))
-
-
-def header_size(path: str) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as e:  # noqa: BLE001
-        raise _bad(path, e) from None
+    return img, max(1, round(w0 / img.width)), draws
 
 
 def dct_reduction(min_ratio: float) -> int:
@@ -153,10 +146,11 @@ class OpenCVViews:
                        for v in spec.views]
 
     def __call__(self, path: str, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
-        w0, h0 = header_size(path)
-        draws = [(sample_crop(rng, h0, w0, v.crop_scale, v.crop_ratio), sample_color(rng, v)) for v in self.spec.views]
-        reduce = dct_reduction(min(min(b[2], b[3]) / v.crop_size for (b, _), v in zip(draws, self.spec.views)))
-        img, r = decode_scaled(path, reduce)
+        def plan(w0: int, h0: int):
+            draws = [(sample_crop(rng, h0, w0, v.crop_scale, v.crop_ratio), sample_color(rng, v)) for v in self.spec.views]
+            return dct_reduction(min(min(b[2], b[3]) / v.crop_size for (b, _), v in zip(draws, self.spec.views))), draws
+
+        img, r, draws = decode_for_crops(path, plan)
         out = []
         for (box, c), v, (mean, std) in zip(draws, self.spec.views, self._stats):
             x = crop_resize(img, box, r, v.crop_size)  # HxWx3 uint8
