@@ -118,8 +118,9 @@ def beton_for(train: Path, args) -> str:
     """The FFCV file of the same corpus (converted once, then reused)."""
     convert = importlib.import_module("fastairl.pipelines.convert")
     out = Path(args.corpus) / "train.beton"
-    if not out.exists():
-        convert.convert_folder(str(train), str(out))
+    if not out.exists():  # JPEG q90 like a typical ImageNet conversion; sizes as the corpus
+        convert.convert(train, out, options=convert.ImageOptions(write_mode="jpg", jpeg_quality=90),
+                        workers=1, progress=False)
     return str(out)
 
 

@@ -200,3 +200,38 @@ def make_photo_corpus(root, n_images: int = 1000, classes: int = 10, seed: int =
                     quality=dict(min=min(qualities), max=max(qualities)), skipped=skipped)
 
     return _build_atomically(root, params, build)
+
+
+# -------------------------------------------------------------------------------------------- CIFAR
+def make_cifar_folder(src, root, lt_ratio: float | None = None, seed: int = 0) -> dict:
+    """CIFAR-10/100 (python pickles under `src`) as lossless PNG folder trees `root/train/<class>/`
+    and `root/val/<class>/` (the official test set, balanced), so every loader backend and
+    `fastairl convert` read it like ImageNet. `lt_ratio` (e.g. 100) keeps the long-tailed training
+    subset of fastairl.data.cifar (exponential profile, `seed`). Returns the manifest."""
+    from PIL import Image
+
+    from fastairl.data import cifar
+
+    params = dict(src=str(Path(src).resolve()), lt_ratio=lt_ratio, seed=seed)
+
+    def build(tmp: Path) -> dict:
+        train, test = cifar.load_cifar(src, "train"), cifar.load_cifar(src, "test")
+        if lt_ratio is not None:
+            train = cifar.long_tailed(train, ratio=lt_ratio, seed=seed)
+        # folder names keep CIFAR's label order (sorted folders = label index): 00_airplane, ...
+        names = [f"{i:0{len(str(len(train.classes) - 1))}d}_{c}" for i, c in enumerate(train.classes)]
+        counts = {}
+        for split, data in (("train", train), ("val", test)):
+            counts[split] = {c: 0 for c in names}
+            for c in names:
+                (tmp / split / c).mkdir(parents=True)
+            for i, (img, y) in enumerate(zip(data.images, data.labels)):
+                c = names[int(y)]
+                Image.fromarray(img).save(tmp / split / c / f"{i:05d}.png")
+                counts[split][c] += 1
+        name = train.variant + ("-LT" if lt_ratio is not None else "")
+        return dict(name=name, source=str(Path(src).resolve()), format="png", classes=names,
+                    lt_ratio=lt_ratio, seed=seed, counts=counts,
+                    totals={s: sum(v.values()) for s, v in counts.items()}, skipped=[])
+
+    return _build_atomically(root, params, build)
