@@ -1,5 +1,5 @@
-"""Command line: `fastairl train RECIPE [overrides]`, `fastairl data digits|photos|cifar --out DIR`,
-`fastairl convert INPUT OUT.beton` (FFCV conversion)."""
+"""Command line: `fastairl train|eval RECIPE [overrides]`, `fastairl data digits|photos|cifar --out DIR`,
+`fastairl convert INPUT OUT.beton` (FFCV), and the analysis tools (norms, cka, normrescale, export)."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,12 @@ def _train_parser(prog: str = "fastairl train") -> argparse.ArgumentParser:
     return p
 
 
+# `fastairl train` exit codes besides 0 (done), 1 (a crash, with a traceback) and 2 (a one-line error
+# about the config, the data, the run dir or a checkpoint):
+EXIT_NONFINITE = 3  # train.nan_policy=stop met a non-finite loss; the last good checkpoint is intact
+EXIT_PREEMPTED = 75  # SIGTERM / SIGUSR1: checkpoint saved, continue with --resume (sysexits EX_TEMPFAIL)
+
+
 def train_main(argv: list[str]) -> int:
     args = _train_parser().parse_intermixed_args(argv)  # overrides may follow --run-dir
     overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
@@ -26,9 +32,16 @@ def train_main(argv: list[str]) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from .trainer import train
+        from .trainer import NonFiniteError, Preempted, train
 
-        train(cfg, args.run_dir)
+        try:
+            train(cfg, args.run_dir)
+        except Preempted as e:
+            print(e, file=sys.stderr)
+            return EXIT_PREEMPTED
+        except NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
     except (ConfigError, ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,17 +79,55 @@ def data_main(argv: list[str]) -> int:
     return 0
 
 
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fastairl eval", description="kNN / linear / fine-tuning evaluation "
+                                "of a backbone (recipes/linear_a.yaml, linear_b.yaml, knn.yaml, ...).")
+    p.add_argument("recipe", help="an eval recipe (its eval: section picks the protocol)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. eval.checkpoint=runs/x/last.pt")
+    p.add_argument("--checkpoint", default=None, help="same as eval.checkpoint=... (or 'random')")
+    p.add_argument("--run-dir", default=None, help="default: train.out_dir/<run_name or recipe name>")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + ([f"eval.checkpoint={args.checkpoint}"] if args.checkpoint else [])
+    try:
+        cfg = load_config(args.recipe, overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        from .eval.run import evaluate
+
+        evaluate(cfg, args.run_dir)
+    except (ConfigError, ImportError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def convert_main(argv: list[str]) -> int:
     from .pipelines.convert import main as convert
 
     return convert(argv, prog="fastairl convert")
 
 
+# subcommand -> fastairl.analysis module with a main(argv): the analysis and export tools
+ANALYSIS_TOOLS = {"norms": "norms", "cka": "cka", "normrescale": "rescale", "export": "export"}
+
+
+def _analysis_main(tool: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"{__package__}.analysis.{ANALYSIS_TOOLS[tool]}").main(argv)
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "data": data_main, "convert": convert_main}
+    commands = {"train": train_main, "eval": eval_main, "data": data_main, "convert": convert_main}
+    commands.update({tool: _analysis_main(tool) for tool in ANALYSIS_TOOLS})
     if not argv or argv[0] not in commands:
-        print("usage: fastairl {train,data,convert} ...  (fastairl train -h for help)", file=sys.stderr)
+        print("usage: fastairl {train,eval,data,convert,norms,cka,normrescale,export} ...  "
+              "(fastairl train -h for help)", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

@@ -101,6 +101,8 @@ class DataConfig:
     synthetic_size: int = 1281167
     workers: int = 8
     eval_resize: Optional[int] = None  # None: crop_size * 256/224 (256 at 224)
+    # unreadable training images are replaced by other samples; more than this fraction stops the run
+    max_bad_fraction: float = 0.001
 
 
 @dataclass
@@ -126,11 +128,38 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every_epochs: int = 50
     ckpt_every_minutes: float = 30.0
+    ckpt_every_steps: int = 0  # >0: also save last.pt every N steps
+    keep_last_k: int = 0  # keep the newest k epoch_XXX.pt files; 0 keeps them all
+    # non-finite loss or gradients: stop (naming the step, last good checkpoint intact) or skip the step
+    nan_policy: Literal["stop", "skip"] = "stop"
+    dist_timeout_minutes: float = 30.0  # a dead or hung process makes the others fail after this long
     resume: str = "none"  # none | auto | path to a checkpoint
     out_dir: str = "runs"
     run_name: Optional[str] = None  # default: the recipe's name
     tensorboard: bool = False
     progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """`fastairl eval RECIPE`: a backbone (checkpoint / state dict / random) on data.train -> data.val.
+    Linear protocols A and B (PAPER.md "Evaluation") are recipes/linear_a.yaml and linear_b.yaml."""
+    protocol: Literal["linear", "knn", "finetune"] = "linear"
+    checkpoint: str = "random"  # a fastairl checkpoint, a torchvision/timm state dict, or random
+    branch: Literal["student", "teacher"] = "student"  # which encoder of a fastairl checkpoint
+    epochs: int = 100
+    batch_size: int = 256
+    base_lr: float = 30.0  # lr = base_lr * batch_size / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: tuple[int, ...] = (60, 80)  # step schedule: lr /= 10 at each of these epochs
+    backbone_lr_mult: float = 1.0  # finetune: the backbone's lr = lr * this
+    cache_features: bool = False  # linear: extract centre-crop features once, train on them (no aug)
+    val_every_epochs: int = 0  # >0: also evaluate on data.val every N epochs
+    knn_k: tuple[int, ...] = (20, 200)
+    knn_temperature: float = 0.07
 
 
 @dataclass
@@ -143,6 +172,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -313,6 +343,10 @@ def _coerce(v: Any, tp, key: str, sources: dict, origin: str):
         if v not in args:
             fail("one of " + ", ".join(map(repr, args)))
         return v
+    if origin_tp is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+        if not isinstance(v, (list, tuple)):
+            fail("a list")
+        return tuple(_coerce(x, args[0], key, sources, origin) for x in v)
     if origin_tp is tuple:
         if not isinstance(v, (list, tuple)) or len(v) != len(args):
             fail(f"a list of {len(args)} numbers")
@@ -365,5 +399,18 @@ def _check_values(cfg: Config, sources: dict, origin: str) -> None:
     need(a.crop_scale is None or 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "aug.crop_scale",
          "must be (min, max) with 0 < min <= max <= 1")
     need(d.workers >= 0, "data.workers", "must be >= 0")
+    e = cfg.eval
+    need(e.epochs > 0, "eval.epochs", "must be positive")
+    need(e.batch_size > 0, "eval.batch_size", "must be positive")
+    need(e.base_lr > 0, "eval.base_lr", "must be positive")
+    need(0 <= e.momentum < 1, "eval.momentum", "must be in [0, 1)")
+    need(list(e.milestones) == sorted(set(e.milestones)) and all(0 < m < e.epochs for m in e.milestones),
+         "eval.milestones", f"must be increasing epochs inside (0, eval.epochs={e.epochs})")
+    need(len(e.knn_k) > 0 and all(k > 0 for k in e.knn_k), "eval.knn_k", "must be a list of positive integers")
+    need(e.val_every_epochs >= 0, "eval.val_every_epochs", "must be >= 0 (0: only at the end)")
+    need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+    need(t.ckpt_every_steps >= 0, "train.ckpt_every_steps", "must be >= 0 (0: off)")
+    need(t.keep_last_k >= 0, "train.keep_last_k", "must be >= 0 (0: keep all)")
+    need(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be positive")
     need(t.resume in ("none", "auto") or Path(t.resume).is_file(), "train.resume",
          "must be none, auto, or the path of an existing checkpoint file")

@@ -1,13 +1,22 @@
-"""The training loop: one readable function, run under accelerate (one or many processes)."""
+"""The training loop: one readable function, run under accelerate (one or many processes).
+
+What a run survives (README "What survives what"): SIGKILL at any point (atomic, verified
+checkpoints, exact resume), SIGTERM / SIGUSR1 (checkpoint, then `Preempted`), a non-finite loss
+(`NonFiniteGuard`), unreadable images (`BadDataMonitor`), a full disk (the previous checkpoint stays),
+a dead or hung peer process (the process-group timeout, train.dist_timeout_minutes)."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -16,6 +25,7 @@ from torch import nn
 from . import checkpoint
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .data.augment import spec_from_config
+from .data.datasets import DataError
 from .methods import build_method, num_views
 from .optim import build_optimizer, set_lr
 from .schedules import lr_at, momentum_at, scaled_lr
@@ -54,7 +64,8 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.metrics = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.path = run_dir / "metrics.jsonl"
+        self.metrics = open(self.path, "a") if enabled else None
         self.text = open(run_dir / "log.txt", "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
@@ -78,6 +89,25 @@ class RunLog:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, row["step"])
 
+    def trim(self, step: int) -> None:
+        """Keep the rows up to `step`, the step a run resumes from: an interrupted leg may have logged
+        steps after its last checkpoint (the resumed run logs them again) or a line cut short by a kill."""
+        if not self.enabled:
+            return
+        self.metrics.close()
+        keep = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if line.endswith("\n") and row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
+        self.metrics = open(self.path, "a")
+
     def close(self) -> None:
         for f in (self.metrics, self.text):
             if f is not None:
@@ -86,26 +116,236 @@ class RunLog:
             self.tb.close()
 
 
+class Window:
+    """Sums over one log interval; the metrics stay on the device until the log line."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.start, self.data_wait, self.images, self.steps, self.skipped = time.perf_counter(), 0.0, 0, 0, 0
+
+    def add(self, metrics: dict, images: int) -> None:
+        self.steps += 1
+        self.images += images
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach()
+
+    def row(self) -> dict:
+        """The interval's means: the one host-device sync per log interval."""
+        dt = time.perf_counter() - self.start
+        vals = {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+        return {"img_per_s": self.images / dt, "data_wait_frac": self.data_wait / dt, **vals}
+
+    def state_dict(self) -> dict:
+        """The partial interval, checkpointed so a run resumed inside it logs the same means."""
+        return {"sums": self.sums, "steps": self.steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.steps, self.skipped = state["steps"], state["skipped"]
+
+
+# ------------------------------------------------------------------------------------------ faults
+class Preempted(Exception):
+    """The run stopped on SIGTERM / SIGUSR1 after saving a checkpoint (CLI exit code 75)."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to "
+                         f"{path}; continue with train.resume=auto (--resume)")
+
+
+class NonFiniteError(RuntimeError):
+    """train.nan_policy=stop met a non-finite loss or gradient (CLI exit code 3)."""
+
+
+class HostComm:
+    """Host-side integer reductions across processes over gloo (CPU tensors), so agreeing on a flag
+    never waits for the device. CPU runs use the default (gloo) group; CUDA runs get a gloo group
+    beside NCCL, with the same timeout."""
+
+    def __init__(self, world: int, timeout: timedelta):
+        self.world, self.group = world, None
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.get_backend() != "gloo":
+                self.group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def reduce(self, values: list[int], op: str) -> list[int]:
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op],
+                        group=self.group)
+        return t.tolist()
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (preemption). The handler only records the signal; the loop polls it after
+    every step, the processes agree on it (a host-side max), and all stop after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, comm: HostComm):
+        self.comm, self.received, self._previous = comm, 0, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+        # A signal to the whole process group also ends the loader's worker processes, and torch's
+        # SIGCHLD handler would raise wherever the main process is (mid-step, mid-checkpoint): the
+        # stop is ours to make, after this step.
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous:
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def poll(self) -> int:
+        """The signal to stop on, the same on every process; 0: none."""
+        return self.comm.reduce([self.received], "max")[0]
+
+
+def _batches(loader, stop: StopSignals):
+    """The loader's batches. A signal sent to the whole process group also kills the loader's worker
+    processes; the loader then fails, and the epoch ends quietly at this step boundary instead."""
+    it = None
+    while True:
+        try:
+            it = it or iter(loader)
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception:
+            if stop.received:
+                return
+            raise
+        yield batch
+
+
+class NonFiniteGuard:
+    """Non-finite loss or gradients, per `train.nan_policy`.
+
+    stop: a bad-step count and the first bad step accumulate on the device, with no host sync; they
+    are read at the log interval (which syncs anyway) and before every checkpoint, so no checkpoint
+    ever holds a state after a non-finite step, and the run stops naming the step.
+    skip: the step's flag is read on the host every step (one sync per step, like AMP's GradScaler)
+    and a bad step leaves no trace: no optimizer, probe or teacher update, and the buffers it changed
+    in the forward (BN statistics, the MoCo queue) are restored.
+    With fp16 the GradScaler owns gradient overflow (it skips those steps itself): only the loss is
+    checked there. Gradients are all-reduced, so every process sees the same gradient verdict."""
+
+    NONE = 2 ** 62
+
+    def __init__(self, policy: str, unwrapped: nn.Module, check_grads: bool, device, comm: HostComm):
+        self.policy, self.check_grads, self.comm = policy, check_grads, comm
+        self.params = [p for p in unwrapped.parameters() if p.requires_grad]
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.first = torch.full((), self.NONE, dtype=torch.long, device=device)
+        self.skipped, self.last_skipped = 0, False
+        self.buffers = list(unwrapped.buffers()) if policy == "skip" else []
+        self.saved = [b.clone() for b in self.buffers]
+
+    def before_forward(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def _bad(self, loss: torch.Tensor) -> torch.Tensor:
+        x = loss.detach().float()  # a 0-dim tensor on the device
+        grads = [p.grad for p in self.params if p.grad is not None] if self.check_grads else []
+        if grads:  # any nan / inf makes the sum of the norms non-finite
+            x = x + torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+        return ~torch.isfinite(x)
+
+    def after_backward(self, loss: torch.Tensor, step: int) -> bool:
+        """Whether to apply the update of step `step` (0-based)."""
+        bad = self._bad(loss)
+        if self.policy == "stop":
+            self.count += bad
+            self.first = torch.where(bad & (self.first == self.NONE), step + 1, self.first)
+            return True
+        self.last_skipped = bool(self.comm.reduce([int(bad)], "max")[0])  # the per-step sync of skip
+        if self.last_skipped:
+            torch._foreach_copy_(self.buffers, self.saved)
+            self.skipped += 1
+        return not self.last_skipped
+
+    def bad_steps(self, collective: bool) -> tuple[int, int]:
+        """(number of bad steps, the first one, 1-based as in metrics.jsonl) so far; stop policy."""
+        count, first = torch.stack([self.count, self.first]).tolist()
+        if collective:
+            count, first = self.comm.reduce([count], "sum")[0], self.comm.reduce([first], "min")[0]
+        return count, first
+
+
+class BadDataMonitor:
+    """Unreadable training images: the loader replaces each with another sample; this logs each path
+    once and stops the run when more than data.max_bad_fraction of the files are bad."""
+
+    def __init__(self, loader, max_fraction: float, say, comm: HostComm):
+        self.source = loader
+        while self.source is not None and not hasattr(self.source, "bad_files"):
+            self.source = getattr(self.source, "loader", None)  # wrapped, e.g. by DeviceAugLoader
+        self.max_fraction, self.say, self.comm = max_fraction, say, comm
+        self.reported: set[str] = set()
+
+    def check(self) -> None:
+        """At log steps, on every process together (the count is summed over processes)."""
+        if self.source is None:
+            return
+        bad = self.source.bad_files()
+        for path in bad:
+            if path not in self.reported:
+                self.say(f"warning: unreadable image {path} in data.train: replaced by another sample")
+                self.reported.add(path)
+        total, n = self.comm.reduce([len(bad)], "sum")[0], self.source.num_samples
+        if total > self.max_fraction * n:
+            shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise DataError(f"{total} of the {n} images in data.train are unreadable, more than "
+                            f"data.max_bad_fraction={self.max_fraction:g}: {shown}; fix or remove them, "
+                            f"or raise data.max_bad_fraction")
+
+
 # ------------------------------------------------------------------------------------------ setup
-def prepare_run_dir(cfg: Config, run_dir: Path | None) -> tuple[Path, Path | None]:
-    """Return (run_dir, checkpoint to resume from or None); refuse to overwrite a run silently."""
+def prepare_run_dir(cfg: Config, run_dir: Path | None) -> tuple[Path, Path | str | None]:
+    """Return (run_dir, what to resume from: "auto", a checkpoint path, or None); refuse to overwrite
+    a run silently."""
     run_dir = Path(run_dir or Path(cfg.train.out_dir) / (cfg.train.run_name or cfg.name))
-    last = run_dir / "last.pt"
     if cfg.train.resume == "auto":
-        return run_dir, last if last.is_file() else None
+        return run_dir, "auto"
     if cfg.train.resume != "none":
         return run_dir, Path(cfg.train.resume)
-    if last.exists():
-        raise ConfigError(f"{run_dir} already holds a run (last.pt); continue it with train.resume=auto "
-                          f"or choose another train.run_name / --run-dir")
+    existing = checkpoint.RunCheckpoints(run_dir).candidates()
+    if existing:
+        raise ConfigError(f"{run_dir} already holds a run ({existing[0].name}); continue it with "
+                          f"train.resume=auto or choose another train.run_name / --run-dir")
     return run_dir, None
+
+
+def _resume_state(resume: Path | str | None, ckpts: checkpoint.RunCheckpoints,
+                  log: RunLog) -> tuple[Path | None, dict | None]:
+    """(checkpoint, its verified state) to resume from; (None, None) to start afresh."""
+    if resume is None:
+        return None, None
+    if resume == "auto":  # the newest checkpoint that verifies; damaged ones are named in warnings
+        return ckpts.latest(log.info) or (None, None)
+    return resume, checkpoint.load(resume)
 
 
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
-        probe.write_text("ok")
+        with open(probe, "w") as f:
+            f.write("ok")
+            f.flush()
+            os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"run dir {run_dir} is not writable ({e.strerror}); set train.out_dir or --run-dir") from None
@@ -114,8 +354,6 @@ def _check_writable(run_dir: Path) -> None:
 def _set_cpu_threads(cfg: Config, accelerator) -> None:
     """On CPU, give each process its share of the cores minus its loader workers: oversubscribed
     intra-op threads made steps 5-12x slower on a 2-core machine (benchmarks/bench_step.py)."""
-    import os
-
     if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -140,45 +378,54 @@ def build_model(cfg: Config, num_classes: int, accelerator, log: RunLog) -> nn.M
 
 # ------------------------------------------------------------------------------------------- train
 def train_step(model, unwrapped, optimizer, probe_opt, accelerator, views, labels, step: int, lr: float,
-               momentum: float, fmt=torch.contiguous_format) -> dict:
-    """One optimisation step: forward both views, backward, optimizer(s), EMA teacher. No host sync."""
+               momentum: float, fmt=torch.contiguous_format, guard: NonFiniteGuard | None = None) -> dict:
+    """One optimisation step: forward both views, backward, optimizer(s), EMA teacher. No host sync
+    (except under train.nan_policy=skip, see NonFiniteGuard)."""
     set_lr(optimizer, lr)
     views = [v.to(accelerator.device, non_blocking=True).contiguous(memory_format=fmt) for v in views]
     labels = labels.to(accelerator.device, non_blocking=True)
+    if guard is not None:
+        guard.before_forward()
     with accelerator.autocast():
         loss, metrics = model(views, labels, step)
     optimizer.zero_grad(set_to_none=True)
     if probe_opt is not None:
         probe_opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
-    optimizer.step()
-    if probe_opt is not None:
-        probe_opt.step()
-    unwrapped.update_teacher(momentum)  # on the unwrapped module, never through the DDP wrapper
+    if guard is None or guard.after_backward(loss, step):
+        optimizer.step()
+        if probe_opt is not None:
+            probe_opt.step()
+        unwrapped.update_teacher(momentum)  # on the unwrapped module, never through the DDP wrapper
     return metrics
 
 
 def train(cfg: Config, run_dir: Path | None = None) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     from fastairl.pipelines import build_train_loader
 
-    run_dir, resume_from = prepare_run_dir(cfg, run_dir)
+    run_dir, resume = prepare_run_dir(cfg, run_dir)
+    timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=_precision(cfg),
         # the queue and teacher buffers are kept consistent by the method itself; broadcasting
         # every buffer from rank 0 each step would copy the 65k-key queue for nothing.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        # A process that dies or hangs makes the others fail after `timeout`, not wait forever.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                         InitProcessGroupKwargs(timeout=timeout)])
     main = accelerator.is_main_process
     _set_cpu_threads(cfg, accelerator)
     if main:
         _check_writable(run_dir)
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, main, cfg.train.tensorboard)
+    ckpts = checkpoint.RunCheckpoints(run_dir)
+    world = accelerator.num_processes
+    comm = HostComm(world, timeout)
     torch.manual_seed(cfg.train.seed)
 
-    world = accelerator.num_processes
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                           f"{world} processes")
@@ -206,8 +453,8 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
 
     step = 0
     summary: dict = {"knn": []}
-    if resume_from is not None:
-        state = checkpoint.load(resume_from)
+    resume_from, state = _resume_state(resume, ckpts, log)
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:  # another arch / head size / method: torch's message spans many lines
@@ -220,6 +467,10 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         step = state["step"]
         summary["knn"] = state.get("knn", [])  # the epoch-end history of the earlier legs
         log.info(f"resumed from {resume_from} at step {step} (epoch {step // spe}, batch {step % spe})")
+    if main:
+        ckpts.remove_stale_tmp()
+        if resume is not None:
+            log.trim(step)
 
     unwrapped = model
     if probe_opt is not None:
@@ -227,20 +478,48 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     # The loader is not passed through accelerator.prepare: it shards itself by process index.
-    if resume_from is not None:
+    window = Window()
+    guard = NonFiniteGuard(cfg.train.nan_policy, unwrapped, check_grads=accelerator.scaler is None,
+                           device=accelerator.device, comm=comm)
+    if state is not None:
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
+        guard.skipped = state.get("nonfinite_skipped", 0)
+        if "log_window" in state:
+            window.load_state_dict(state["log_window"], accelerator.device)
+    say = log.info if main else (lambda msg: print(f"[rank {accelerator.process_index}] {msg}", file=sys.stderr))
+    bad_data = BadDataMonitor(loader, cfg.data.max_bad_fraction, say, comm)
+    last_good = f"{resume_from} (step {step})" if resume_from is not None else "none (no checkpoint written yet)"
+    saved_step = step if resume_from is not None else -1
 
-    def save(name: str) -> None:
-        if not main:
+    def check_finite(collective: bool) -> None:
+        """train.nan_policy=stop: raise if any step so far had a non-finite loss or gradient."""
+        if cfg.train.nan_policy != "stop":
             return
-        state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                 "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
-                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                 "step": step, "epoch": step / spe, "config": config_to_dict(cfg), "rng": checkpoint.rng_state(),
-                 "knn": summary["knn"]}
-        checkpoint.save_atomic(state, run_dir / name)
+        count, first = guard.bad_steps(collective)
+        if count:
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {first} ({count} bad step(s) up to step {step}); "
+                f"stopped without saving: the last good checkpoint is {last_good}; lower optim.base_lr "
+                f"or set train.nan_policy=skip")
+
+    def save(epoch_file: bool = False, collective: bool = True) -> None:
+        """Checkpoint the state after `step` steps (main process), never one after a non-finite step."""
+        nonlocal last_good, saved_step
+        check_finite(collective)
+        if main:
+            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                     "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
+                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                     "step": step, "epoch": step / spe, "config": config_to_dict(cfg),
+                     "rng": checkpoint.rng_state(), "knn": summary["knn"], "nonfinite_skipped": guard.skipped,
+                     "log_window": window.state_dict()}
+            path = ckpts.save_last(state)
+            if epoch_file:
+                ckpts.save_periodic(state, step // spe, cfg.train.keep_last_k)
+            last_good = f"{path} (step {step})"
+        saved_step = step
 
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
@@ -250,56 +529,71 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         from tqdm import tqdm
         progress = tqdm(total=stop_at, initial=step, dynamic_ncols=True, desc=cfg.name)
     model.train()
-    window, t_window, data_wait, n_img, n_steps = {}, time.perf_counter(), 0.0, 0, 0
-    while step < stop_at:
-        epoch = step // spe
-        loader.set_epoch(epoch, start_step=step % spe)
-        t_data = time.perf_counter()
-        for views, labels in loader:
-            data_wait += time.perf_counter() - t_data
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.schedule, cfg.optim.min_lr)
-            mom = momentum_at(step, total_steps, cfg.method.ema.base, cfg.method.ema.schedule)
-            metrics = train_step(model, unwrapped, optimizer, probe_opt, accelerator, views, labels, step, lr, mom, fmt)
-            step += 1
-            n_steps += 1
-            n_img += labels.shape[0] * world
-            for k, v in metrics.items():  # accumulate on device: no host sync until the log line
-                window[k] = window.get(k, 0.0) + v.detach()
-            if progress is not None:
-                progress.update(1)
-            if step % cfg.train.log_every == 0 or step == stop_at:
-                vals = {k: float(v) / n_steps for k, v in window.items()}  # the one sync per log interval
-                dt = time.perf_counter() - t_window
-                row = {"step": step, "epoch": round(step / spe, 4), "lr": lr, "momentum": mom,
-                       "img_per_s": n_img / dt, "data_wait_frac": data_wait / dt, **vals}
-                log.record(row)
+    halt = 0
+    with StopSignals(comm) as stop:
+        while step < stop_at and not halt:
+            loader.set_epoch(step // spe, start_step=step % spe)
+            t_data, start = time.perf_counter(), step
+            for views, labels in _batches(loader, stop):
+                window.data_wait += time.perf_counter() - t_data
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.schedule, cfg.optim.min_lr)
+                mom = momentum_at(step, total_steps, cfg.method.ema.base, cfg.method.ema.schedule)
+                metrics = train_step(model, unwrapped, optimizer, probe_opt, accelerator, views, labels, step,
+                                     lr, mom, fmt, guard=guard)
+                step += 1
+                if guard.last_skipped:
+                    window.skipped += 1
+                    log.info(f"warning: step {step}: non-finite loss or gradients, step skipped "
+                             f"({guard.skipped} so far; train.nan_policy=skip)")
+                else:
+                    window.add(metrics, labels.shape[0] * world)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{vals['loss_ssl']:.4f}", lr=f"{lr:.3g}")
-                window, t_window, data_wait, n_img, n_steps = {}, time.perf_counter(), 0.0, 0, 0
-            if main and time.monotonic() - last_ckpt > cfg.train.ckpt_every_minutes * 60:
-                save("last.pt")
+                    progress.update(1)
+                if step % cfg.train.log_every == 0 or step == stop_at:
+                    row = {"step": step, "epoch": round(step / spe, 4), "lr": lr, "momentum": mom, **window.row()}
+                    if cfg.train.nan_policy == "skip":
+                        row["nonfinite_skipped"] = window.skipped
+                    log.record(row)
+                    if progress is not None and "loss_ssl" in row:
+                        progress.set_postfix(loss=f"{row['loss_ssl']:.4f}", lr=f"{lr:.3g}")
+                    window = Window()
+                    bad_data.check()
+                    check_finite(collective=True)
+                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0 and step % spe:
+                    save()
+                    last_ckpt = time.monotonic()
+                elif main and time.monotonic() - last_ckpt > cfg.train.ckpt_every_minutes * 60:
+                    save(collective=False)
+                    last_ckpt = time.monotonic()
+                halt = stop.poll()
+                if halt or step >= stop_at:
+                    break
+                t_data = time.perf_counter()
+            if step % spe == 0 and step > start:  # an epoch ended (the epoch-end checkpoint is below)
+                done = step // spe
+                if cfg.probe.knn_every_epochs and cfg.data.val and done % cfg.probe.knn_every_epochs == 0:
+                    acc = knn_monitor(cfg, unwrapped.encoder(), accelerator, loader.num_classes)
+                    if main:
+                        summary["knn"].append({"epoch": done, "top1": acc})
+                        log.record({"step": step, "epoch": done, "knn_top1": acc})
+                bad_data.check()
+                save(epoch_file=bool(cfg.train.ckpt_every_epochs) and done % cfg.train.ckpt_every_epochs == 0)
                 last_ckpt = time.monotonic()
-            if step >= stop_at:
-                break
-            t_data = time.perf_counter()
-        if step % spe == 0:  # an epoch ended
-            done = step // spe
-            if cfg.probe.knn_every_epochs and cfg.data.val and done % cfg.probe.knn_every_epochs == 0:
-                acc = knn_monitor(cfg, unwrapped.encoder(), accelerator, loader.num_classes)
-                if main:
-                    summary["knn"].append({"epoch": done, "top1": acc})
-                    log.record({"step": step, "epoch": done, "knn_top1": acc})
-            save("last.pt")
-            last_ckpt = time.monotonic()
-            if cfg.train.ckpt_every_epochs and done % cfg.train.ckpt_every_epochs == 0:
-                save(f"epoch_{done:03d}.pt")
-    if step % spe:
-        save("last.pt")  # stopped mid-epoch (max_steps): resumable from here
+            halt = halt or stop.poll()  # a signal during the epoch end
+        if saved_step != step:
+            save()  # stopped mid-epoch (max_steps or a signal): resumable from here
     if progress is not None:
         progress.close()
+    if halt:
+        preempted = Preempted(halt, step, run_dir / checkpoint.LAST)
+        log.info(str(preempted))
+        log.close()
+        raise preempted
     accelerator.wait_for_everyone()
     summary.update({"name": cfg.name, "steps": step, "epochs": epochs, "steps_per_epoch": spe,
                     "global_batch": cfg.train.batch_size})
+    if cfg.train.nan_policy == "skip":
+        summary["nonfinite_skipped"] = guard.skipped
     if cfg.probe.final_eval and main:
         summary["final_eval"] = final_evaluation(cfg, unwrapped, accelerator, loader.num_classes, log)
     if main:

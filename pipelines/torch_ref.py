@@ -8,6 +8,7 @@ mid-epoch resume produce the same tensors.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ from torchvision.transforms import InterpolationMode
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec, sample_color,
                                    sample_crop, sample_rng, spec_from_config)
+from fastairl.data.datasets import ImageReadError
 
 _JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)
@@ -70,7 +72,7 @@ def _open_rgb(path: str) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")  # forces the full decode, so truncated files fail here
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; report them all alike
-        raise RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace "
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace "
                            f"the file") from None
 
 
@@ -95,7 +97,13 @@ def view_maker(spec: AugmentSpec, engine: str = "pil", finish: bool = True):
 
 
 class DualViewDataset(torch.utils.data.Dataset):
-    """Map-style dataset indexed by (epoch, index): decodes once, returns (views, label)."""
+    """Map-style dataset indexed by (epoch, index): decodes once, returns (views, label).
+
+    An unreadable file is replaced by the first readable one of a few other samples drawn as a pure
+    function of (seed, epoch, index), so every worker and a resumed run pick the same one; it is
+    flagged in `bad` (shared with the worker processes) for the trainer to report. Never zeros."""
+
+    MAX_TRIES = 16  # replacements drawn for one unreadable file
 
     def __init__(self, samples: Sequence[tuple[str, int]], spec: AugmentSpec, seed: int = 0,
                  finish: bool = True, engine: str = "pil"):
@@ -103,14 +111,30 @@ class DualViewDataset(torch.utils.data.Dataset):
         self.spec = spec
         self.seed = seed
         self.make_views = view_maker(spec, engine, finish)
+        self.bad = multiprocessing.RawArray("b", len(self.samples))  # 1: the file is unreadable
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[torch.Tensor, ...], int]:
         epoch, index = key
-        path, label = self.samples[index]
-        return self.make_views(path, sample_rng(self.seed, epoch, index)), label
+        error = None
+        for j in self._candidates(epoch, index):
+            if self.bad[j] and j != index:  # a known bad replacement would fail the same way
+                continue
+            path, label = self.samples[j]
+            try:
+                return self.make_views(path, sample_rng(self.seed, epoch, index)), label
+            except ImageReadError as e:
+                self.bad[j] = 1
+                error = error or e
+        raise ImageReadError(f"{error}; none of the {self.MAX_TRIES} samples drawn to replace it is "
+                             f"readable either: check the training folder")
+
+    def _candidates(self, epoch: int, index: int) -> Iterator[int]:
+        yield index
+        yield from np.random.default_rng([self.seed, epoch, index, 1]).integers(
+            len(self.samples), size=self.MAX_TRIES).tolist()
 
 
 class EpochBatchSampler:
@@ -169,6 +193,7 @@ class TorchTrainLoader:
         self.dataset = DualViewDataset(samples, spec, seed, finish=not on_device, engine=engine)
         self.sampler = EpochBatchSampler(len(self.dataset), global_batch, rank, world_size, seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.num_samples = len(self.dataset)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=_collate,
             pin_memory=pin_memory, persistent_workers=workers > 0,
@@ -176,6 +201,11 @@ class TorchTrainLoader:
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_step)
+
+    def bad_files(self) -> list[str]:
+        """Paths of the files found unreadable so far, by any worker (each was replaced)."""
+        flags = np.frombuffer(self.dataset.bad, dtype=np.int8)
+        return [self.dataset.samples[i][0] for i in np.flatnonzero(flags)]
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -1,6 +1,8 @@
 """Stop a run mid-epoch, resume it, and get exactly the run that never stopped (CPU is deterministic):
 same per-step metrics, same final weights, queue, optimizer state and kNN history. Plus the resume
-edge cases a user meets: a finished run, an existing run dir, a broken or mismatched checkpoint."""
+edge cases a user meets: a finished run, an existing run dir, a damaged checkpoint (resume falls back
+to the previous one, exactly), every checkpoint damaged, a mismatched checkpoint.
+(Kills, signals, NaN, bad data, full disks and dead processes: tests/test_faults.py.)"""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from fastairl import checkpoint
 from fastairl.config import load_config
 from fastairl.trainer import train
 from tiny_runs import losses, one_line_error, run, small_folder, train_cmd, write_recipe
@@ -70,7 +73,7 @@ def reference(recipe, tmp_path_factory):
 def test_resume_mid_epoch_is_exact(recipe, reference, tmp_path, workers, stop, second_max_steps):
     run_dir = tmp_path / "run"
     _train(recipe, run_dir, f"data.workers={workers}", f"train.max_steps={stop}")
-    assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == stop
+    assert checkpoint.load(run_dir / "last.pt")["step"] == stop
     assert sorted(losses(run_dir)) == list(range(1, stop + 1))
 
     summary = _train(recipe, run_dir, f"data.workers={workers}", f"train.max_steps={second_max_steps}",
@@ -80,8 +83,8 @@ def test_resume_mid_epoch_is_exact(recipe, reference, tmp_path, workers, stop, s
     # every logged value of every step, bit for bit (loss, probe loss/acc, feature std, lr, momentum)
     assert _rows(run_dir) == _rows(reference)
 
-    ref = torch.load(reference / "last.pt", weights_only=False)
-    got = torch.load(run_dir / "last.pt", weights_only=False)
+    ref = checkpoint.load(reference / "last.pt")  # weights_only=True, digest verified
+    got = checkpoint.load(run_dir / "last.pt")
     assert got["step"] == ref["step"] == TOTAL
     assert ref["model"].keys() == got["model"].keys() and "queue" in got["model"]
     for k in ref["model"]:  # student, teacher, probe, BN statistics, queue and its pointer
@@ -120,12 +123,46 @@ def test_resume_none_on_an_existing_run_is_refused(reference, tmp_path):
     one_line_error(proc, str(run_dir), "already holds a run", "train.resume=auto")
 
 
-def test_truncated_checkpoint_is_a_clear_error(reference, tmp_path):
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        del data[len(data) // 3:]
+    else:  # one flipped byte inside the tensor data: torch.load alone would not notice
+        data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_damaged_last_checkpoint_falls_back_to_the_previous_one(recipe, reference, tmp_path, how):
     run_dir = _copy(reference, tmp_path)
-    data = (run_dir / "last.pt").read_bytes()
-    (run_dir / "last.pt").write_bytes(data[: len(data) // 3])
+    assert checkpoint.load(run_dir / "last.prev.pt")["step"] == 2  # the epoch-1 state, kept as fallback
+    _damage(run_dir / "last.pt", how)
+
+    summary = _train(recipe, run_dir, "data.workers=0", "train.resume=auto")
+    log = (run_dir / "log.txt").read_text()
+    assert f"warning: cannot load checkpoint {run_dir / 'last.pt'}" in log
+    assert f"resumed from {run_dir / 'last.prev.pt'} at step 2" in log
+    # steps 3-4 trained again, exactly; their old rows were dropped, not duplicated
+    assert summary["steps"] == TOTAL and _rows(run_dir) == _rows(reference)
+    ref, got = checkpoint.load(reference / "last.pt"), checkpoint.load(run_dir / "last.pt")
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], got["model"][k]), k
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(reference, tmp_path):
+    run_dir = _copy(reference, tmp_path)
+    _damage(run_dir / "last.pt", "truncate")
+    _damage(run_dir / "last.prev.pt", "flip")
     proc = run(train_cmd(run_dir / "config.yaml", "train.resume=auto", "--run-dir", run_dir), cwd=tmp_path)
-    one_line_error(proc, f"cannot load checkpoint {run_dir / 'last.pt'}", "remove it")
+    one_line_error(proc, f"no loadable checkpoint in {run_dir}", "last.pt, last.prev.pt", "remove them")
+
+
+def test_damaged_named_checkpoint_is_a_clear_error(reference, tmp_path):
+    run_dir = _copy(reference, tmp_path)
+    _damage(run_dir / "last.pt", "flip")
+    proc = run(train_cmd(run_dir / "config.yaml", f"train.resume={run_dir / 'last.pt'}", "--run-dir", run_dir),
+               cwd=tmp_path)
+    one_line_error(proc, f"cannot load checkpoint {run_dir / 'last.pt'}", "digest mismatch", "remove it")
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(reference, tmp_path):

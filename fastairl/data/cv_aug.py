@@ -18,6 +18,7 @@ from PIL import Image
 from fastairl.extras import require
 
 from .augment import AugmentSpec, ColorParams, ViewSpec, sample_color, sample_crop
+from .datasets import ImageReadError
 
 _cv2 = None
 
@@ -97,8 +98,8 @@ def finish_view(x: np.ndarray, c: ColorParams, v: ViewSpec) -> np.ndarray:
     return x
 
 
-def _bad(path: str, e: Exception) -> RuntimeError:
-    return RuntimeError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace the file")
+def _bad(path: str, e: Exception) -> ImageReadError:
+    return ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}; remove or replace the file")
 
 
 def decode_for_crops(path: str, plan) -> tuple[Image.Image, int, object]:

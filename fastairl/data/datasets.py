@@ -21,6 +21,11 @@ class DataError(ValueError):
     """A dataset path or file list is unusable; the message names it and says what to do."""
 
 
+class ImageReadError(RuntimeError):
+    """An image file cannot be decoded: empty, truncated, not an image, unreadable. Loaders raise it
+    per file; the torch backend replaces the sample and counts it (data.max_bad_fraction)."""
+
+
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
