@@ -188,7 +188,8 @@ def test_every_recipe_loads(rel):
 
 
 def test_every_recipe_is_checked():
-    covered = set(ROWS) | set(RUNS) | set(SUBSAMPLE) | set(ABLATION) | set(VARIANTS) | {"base.yaml"}
+    covered = (set(ROWS) | set(RUNS) | set(SUBSAMPLE) | set(ABLATION) | set(VARIANTS) | set(EVAL)
+               | {"base.yaml"})
     files = set(ALL_FILES) - LEAD_OWNED
     assert files - covered == set(), "recipe files without a test row or family"
     assert covered - files == set(), "test rows without a recipe file"
@@ -275,3 +276,40 @@ def test_last_ablation_level_is_supervised_crop_flip(m):
     ablated = spec_from_config(load_config(RECIPES / f"ablation/{m}_aug-jitter.yaml").aug)
     supervised = spec_from_config(load_config(RECIPES / "supervised.yaml").aug)
     assert ablated == supervised
+
+
+# PAPER.md "Evaluation": (protocol, epochs, batch, lr at that batch, nesterov, schedule, milestones, wd)
+EVAL = {
+    "linear_a.yaml": ("linear", 100, 256, 30.0, False, "step", (60, 80), 0.0),
+    "linear_b.yaml": ("linear", 80, 1024, 0.8, True, "cosine", (), 0.0),
+    "knn.yaml": ("knn", None, None, None, None, None, None, None),
+    # CIFAR-LT transfer (this project's hyper-parameters: the paper gives none)
+    "transfer/cifar10lt_linear.yaml": ("linear", 100, 256, 30.0, False, "step", (60, 80), 0.0),
+    "transfer/cifar100lt_linear.yaml": ("linear", 100, 256, 30.0, False, "step", (60, 80), 0.0),
+    "transfer/cifar10lt_finetune.yaml": ("finetune", 100, 256, 0.05, False, "cosine", (), 5e-4),
+    "transfer/cifar100lt_finetune.yaml": ("finetune", 100, 256, 0.05, False, "cosine", (), 5e-4),
+}
+
+
+@pytest.mark.parametrize("rel", [r for r in EVAL if r.startswith("transfer/")])
+def test_transfer_recipes_read_their_cifar_lt_split(rel):
+    cfg = load_config(RECIPES / rel)
+    classes = "100" if "cifar100" in rel else "10"
+    assert cfg.data.train == f"data/cifar{classes}_lt/train" and cfg.data.val == f"data/cifar{classes}_lt/val"
+    assert cfg.data.eval_resize == cfg.aug.crop_size == 224
+    assert cfg.eval.cache_features == ("linear" in rel)
+
+
+@pytest.mark.parametrize("rel", sorted(EVAL))
+def test_eval_recipes_follow_the_paper(rel):
+    from fastairl.eval.protocols import peak_lr
+
+    e = load_config(RECIPES / rel).eval
+    protocol, epochs, batch, lr, nesterov, schedule, milestones, wd = EVAL[rel]
+    assert e.protocol == protocol
+    if protocol == "knn":
+        assert tuple(e.knn_k) == (20, 200) and e.knn_temperature == 0.07
+        return
+    assert (e.epochs, e.batch_size, e.nesterov, e.schedule, tuple(e.milestones), e.weight_decay) == \
+        (epochs, batch, nesterov, schedule, milestones, wd)
+    assert peak_lr(e) == pytest.approx(lr) and e.momentum == 0.9

@@ -1,0 +1,166 @@
+"""`fastairl eval RECIPE [overrides]`: kNN, linear evaluation (protocols A / B, augmented or on cached
+features) and full fine-tuning of a backbone from a fastairl checkpoint, a torchvision / timm state
+dict, or random initialisation. Data comes through the loader seam, so every backend works.
+
+The run directory describes itself: config.yaml (resolved), env.json, metrics.jsonl (one row per
+epoch), summary.json (protocol, where the backbone came from, top-1 / top-5 or kNN accuracies).
+One process, one device (CUDA when present).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, ConfigError, dump_config
+from ..data.augment import make_spec
+from .features import extract, knn_accuracy
+from .protocols import eval_lr, make_optimizer, peak_lr, set_lrs, topk_correct, train_head_on_features
+
+
+def _run_dir(cfg: Config, run_dir: Optional[str]) -> Path:
+    path = Path(run_dir) if run_dir else Path(cfg.train.out_dir) / (cfg.train.run_name or cfg.name)
+    if (path / "summary.json").exists():
+        raise ConfigError(f"{path} already holds a finished evaluation (summary.json); pass another "
+                          f"--run-dir or delete it")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory {path}: {e.strerror}") from None
+    return path
+
+
+def _backbone(cfg: Config, device: torch.device):
+    from ..analysis.checkpoints import RANDOM, load_backbone
+
+    e = cfg.eval
+    random = e.checkpoint == RANDOM
+    bb = load_backbone(e.checkpoint, arch=cfg.model.arch if random else None,
+                       cifar_stem=cfg.model.cifar_stem if random else None, branch=e.branch,
+                       **({"seed": cfg.train.seed} if random else {}))
+    net = bb.net.to(device)
+    if cfg.model.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, bb.source
+
+
+def _with_batch(cfg: Config) -> Config:
+    """The config the seam sees for the labelled training loader: eval.batch_size per step."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=cfg.eval.batch_size))
+
+
+@torch.no_grad()
+def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt) -> dict:
+    backbone.eval()
+    hits, n = torch.zeros(2, device=device), 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = head(backbone(x)).float()  # NxC
+        hits += torch.stack(topk_correct(logits, y))
+        n += y.shape[0]
+    top1, top5 = (100.0 * hits / max(n, 1)).tolist()
+    return {"top1": top1, "top5": top5, "val_samples": n}
+
+
+def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, device, fmt, log, val_loader) -> None:
+    """Linear (frozen backbone, BN in eval mode) or fine-tuning (everything trains) on augmented
+    single views (crop + flip) from the training split, with the protocol's lr rule."""
+    from ..pipelines import build_train_loader
+
+    e, finetune = cfg.eval, cfg.eval.protocol == "finetune"
+    spec = make_spec("crop_flip", crop_size=cfg.aug.crop_size, num_views=1)
+    loader = build_train_loader(_with_batch(cfg), spec, rank=0, world_size=1, device=device)
+    groups = [{"params": list(head.parameters())}]
+    if finetune:
+        groups.append({"params": list(backbone.parameters()), "lr_mult": e.backbone_lr_mult})
+    backbone.requires_grad_(finetune)
+    opt = make_optimizer(e, groups)
+    spe = loader.steps_per_epoch
+    for epoch in range(e.epochs):
+        backbone.train(finetune)
+        loader.set_epoch(epoch)
+        total, t0 = torch.zeros((), device=device), time.perf_counter()
+        for i, (views, y) in enumerate(loader):
+            set_lrs(opt, eval_lr(e, epoch * spe + i, spe))
+            x = views[0].to(device, non_blocking=True).contiguous(memory_format=fmt)  # Nx3xHxW
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.set_grad_enabled(finetune):
+                    f = backbone(x)  # NxF
+                loss = F.cross_entropy(head(f.float()), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        row = {"epoch": epoch + 1, "loss": float(total) / spe, "lr": eval_lr(e, epoch * spe, spe),
+               "epoch_s": time.perf_counter() - t0}
+        if e.val_every_epochs and (epoch + 1) % e.val_every_epochs == 0 and epoch + 1 < e.epochs:
+            row.update({f"val_{k}": v for k, v in accuracy(backbone, head, val_loader, device, fmt).items()})
+        log(row)
+
+
+def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
+    from ..pipelines import build_eval_loader
+
+    e = cfg.eval
+    if not cfg.data.val:
+        raise ConfigError("eval needs data.val (the held-out split to report on)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.train.seed)
+    out = _run_dir(cfg, run_dir)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    backbone, source = _backbone(cfg, device)
+    env = {"torch": torch.__version__, "device": str(device),
+           "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
+    (out / "env.json").write_text(json.dumps(env, indent=2))
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def log(row: dict) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+    t0 = time.perf_counter()
+    val = build_eval_loader(cfg, cfg.data.val, batch_size=min(256, e.batch_size), pin_memory=device.type == "cuda")
+    summary = {"protocol": e.protocol, "backbone": source, "epochs": e.epochs, "batch_size": e.batch_size,
+               "lr": peak_lr(e), "schedule": e.schedule, "cache_features": e.cache_features}
+    if e.protocol == "knn" or (e.protocol == "linear" and e.cache_features):
+        bank = build_eval_loader(cfg, cfg.data.train, batch_size=min(256, e.batch_size))
+        (bf, by), (vf, vy) = (extract(backbone, ld, device, cfg.model.channels_last) for ld in (bank, val))
+        summary.update(train_samples=len(by), val_samples=len(vy))
+        if e.protocol == "knn":
+            summary["knn_top1"] = {str(k): knn_accuracy(bf, by, vf, vy, k, e.knn_temperature, bank.num_classes)
+                                   for k in e.knn_k}
+        else:
+            head = train_head_on_features(e, bf.to(device), by.to(device), bank.num_classes, cfg.train.seed,
+                                          log=lambda ep, loss: log({"epoch": ep + 1, "loss": loss}))
+            logits = head(vf.to(device))
+            hits = topk_correct(logits, vy.to(device))
+            summary.update(top1=100.0 * float(hits[0]) / len(vy), top5=100.0 * float(hits[1]) / len(vy))
+    else:
+        head = nn.Linear(backbone_dim(backbone, cfg, device), val.num_classes).to(device)
+        train_epochs(cfg, backbone, head, device, fmt, log, val)
+        summary.update(accuracy(backbone, head, val, device, fmt))
+    summary["time_s"] = time.perf_counter() - t0
+    metrics.close()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"eval {e.protocol}: " + ", ".join(f"{k} {v}" for k, v in summary.items()
+                                                if k in ("top1", "top5", "knn_top1")), flush=True)
+    return summary
+
+
+@torch.no_grad()
+def backbone_dim(backbone: nn.Module, cfg: Config, device) -> int:
+    was = backbone.training
+    backbone.eval()
+    d = backbone(torch.zeros(1, 3, cfg.aug.crop_size, cfg.aug.crop_size, device=device)).shape[1]
+    backbone.train(was)
+    return d
