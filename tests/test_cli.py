@@ -4,9 +4,9 @@ three entry points (`python fastairl/train.py`, `python -m fastairl.cli train`, 
 all train."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -72,9 +72,26 @@ def test_empty_class_folder_is_named(digits_root, recipe, tmp_path):
     one_line_error(proc, "data.train", str(root / "zz_empty"), "has no images")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nvidia") is not None
-                    and importlib.util.find_spec("nvidia.dali") is not None, reason="DALI is installed")
-def test_dali_without_dali_says_how_to_install(recipe, tmp_path):
+# Put on PYTHONPATH, this makes `nvidia.dali` unimportable in the child, whether DALI is installed or not.
+NO_DALI = """import sys
+
+
+class _NoDali:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, _NoDali())
+"""
+
+
+def test_dali_without_dali_says_how_to_install(recipe, tmp_path, monkeypatch):
+    blocker = tmp_path / "no_dali"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(NO_DALI)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(blocker), os.environ.get("PYTHONPATH")) if p))
     proc = run(train_cmd(recipe, "data.pipeline=dali", "--run-dir", tmp_path / "run"), cwd=tmp_path)
     line = one_line_error(proc)
     assert line == "error: DALI is not installed: pip install 'fastairl[dali]'"

@@ -1,0 +1,502 @@
+"""The DALI backend (`data.pipeline: dali`): each JPEG decoded once (nvJPEG with `device="mixed"` on a
+GPU, libjpeg-turbo on CPU), then one independent augmentation chain per view, all in one DALI graph.
+
+The chains reproduce torchvision's ops on uint8 PIL images (what `torch_ref.augment_view` runs), not
+DALI's colour operators, whose formulas differ: `fn.brightness_contrast` pivots contrast around a
+fixed value (half the range) where torchvision uses the image's mean grey level, and `fn.hsv` /
+`fn.hue` rotate hue in YIQ space where torchvision shifts the H byte of PIL's 8-bit HSV. So:
+- brightness, contrast, saturation are PIL's blends, written as arithmetic: base + f·(x - base),
+  clipped and truncated to uint8, with base 0, the rounded mean of PIL's "L" image, and each pixel's
+  "L" value; hue is PIL's RGB -> HSV -> RGB round trip with torchvision's H += int(f·255) (mod 256).
+  All four are bit-exact with torchvision for the same factor (tests/test_dali.py, CPU ops; hue
+  checked on all 2^24 colours); the GPU runs the same expressions (the cuda tier compares the two).
+- jitter runs the enabled ops in a per-sample random order, one of the n! orders drawn uniformly (as
+  torchvision's ColorJitter), also bit-exact for the same order and factors; factors ~ sample_color's
+  ranges.
+- grayscale is PIL's integer "L" (bit-exact); blur is a separable Gaussian of side `blur_kernel`,
+  per-sample sigma ~ U(blur_sigma), mirror-101 borders (torch's "reflect" padding), rounded to uint8
+  (within 1 level of torchvision); solarisation maps x >= threshold to 255 - x on uint8 (bit-exact).
+- The horizontal flip is applied last, inside `crop_mirror_normalize`: every op after it is pointwise
+  or a symmetric kernel with symmetric borders, so this is the same image as flipping after the crop.
+- The crop is DALI's random-resized-crop: area ~ U(scale)·HW, log-aspect ~ U(log ratio), 10 tries,
+  bilinear with antialiasing (PIL's filter: 0.2 level mean difference for the same box). Two
+  differences from torchvision, both in the fallback after 10 failed tries (probability ~1e-6 for
+  ImageNet-like images at scale (0.08, 1)): DALI also rejects boxes whose rounded aspect leaves the
+  range, and places the fallback box at a random position instead of the centre.
+- JPEG decoding on CPU is libjpeg-turbo, as PIL's (identical pixels); nvJPEG on a GPU differs slightly.
+Per-sample probabilities use DALI conditionals (`enable_conditionals=True`): an op only runs on the
+samples whose coin came up, and an op whose probability is 0 is not in the graph at all.
+
+Sample order and sharding: each epoch the reader gets an explicit file list, the torch reference's
+order (`EpochBatchSampler`: one permutation of (seed, epoch), cut into global batches, rank r taking
+its slice of every batch), laid out rank after rank so that DALI's `shard_id`/`num_shards` split gives
+each process exactly its slices. Every rank therefore sees the same number of steps,
+floor(N / global batch), and the same labels as the torch backend. The reader's own `random_shuffle`
+is not used: it shuffles within a 1024-sample buffer, which on a class-sorted list gives
+near-single-class batches. The pipeline is rebuilt for every epoch (a new list), which also makes
+`set_epoch(epoch, start_step)` an exact seek: the list simply starts at step `start_step`. The random
+augmentation stream is seeded by (seed, epoch, rank, start_step): a resumed epoch has the same order,
+but fresh augmentation draws (unlike the torch backend, whose draws are a function of the sample).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fastairl.extras import require
+
+require("dali", "nvidia.dali")
+
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402  (after the install check)
+from nvidia.dali import math as dmath  # noqa: E402
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # noqa: E402
+
+from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
+                                   make_spec, spec_from_config)
+from fastairl.pipelines.torch_ref import EpochBatchSampler, ImageReadError, _open_rgb  # noqa: E402
+
+# PIL's RGB -> L conversion is (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (ITU-R 601 luma, rounded).
+# With the weights divided by 2^16 every product and partial sum is a multiple of 2^-16 below 256, so
+# float32 computes it exactly: floor(w.x + 0.5) is PIL's value for all 2^24 colours.
+_L_ROW = [w / 65536 for w in (19595, 38470, 7471)]
+_NEXT_MINUS_PREV = [0, 1, -1, -1, 0, 1, 1, -1, 0]  # (g - b, b - r, r - g)
+_EARLIER = [0, 0, 0, 1, 0, 0, 1, 1, 0]  # per channel: how many channels come before it
+B, C, S, H = range(4)  # the jitter ops, in the order of sample_color's factors
+_IDENTITY_SLOT = 3
+
+
+# ------------------------------------------------------------------- the ops (HxWx3, integer values)
+def _grey(x):
+    """HxWx3 -> HxWx1 float: PIL's "L" value of every pixel, exactly."""
+    return dmath.floor(fn.coord_transform(x, M=_L_ROW, T=[0.5]))
+
+
+def _blend(base, x, factor):
+    """PIL's Image.blend(base, x, factor) on uint8: base + factor·(x - base), clipped, truncated."""
+    return dmath.floor(dmath.clamp(base + factor * (x - base), 0.0, 255.0))
+
+
+def _mean_grey(x):
+    """PIL ImageEnhance.Contrast's pivot: the mean "L" value, rounded (a per-sample scalar)."""
+    return dmath.floor(fn.reductions.mean(_grey(x)) + 0.5)
+
+
+def brightness(x, factor):
+    """PIL ImageEnhance.Brightness (what torchvision's adjust_brightness runs on a PIL image)."""
+    return _blend(0.0, x, factor)
+
+
+def contrast(x, factor):
+    """PIL ImageEnhance.Contrast: blend with the image's mean grey level."""
+    return _blend(_mean_grey(x), x, factor)
+
+
+def saturation(x, factor):
+    """PIL ImageEnhance.Color: blend with each pixel's grey level."""
+    return _blend(_grey(x), x, factor)
+
+
+def _trunc(v):
+    """Round towards zero (C's float -> int cast)."""
+    return dmath.floor(dmath.abs(v)) * ((v > 0) * 1.0 - (v < 0) * 1.0)
+
+
+def _mod(v, m: float):
+    return v - m * dmath.floor(v / m)
+
+
+def hue(x, shift):
+    """torchvision's adjust_hue on a PIL image, bit for bit: RGB -> 8-bit HSV, H += int(shift·255)
+    (mod 256), HSV -> RGB.
+
+    The hue byte follows PIL's float steps (float32 rc/gc/bc, the sector sum in double rounded to
+    float32, h/6 + 1 mod 1 in double rounded to float32, truncation of h·255): checked against PIL on
+    all 2^24 colours. Saturation is floor(255·c / v). The way back is PIL's p/q/t rounding, written as
+    one formula for the three channels in integers below 2^24 (exact in float32), also checked on all
+    2^24 HSV triples: channel n gets round(v - v·s·w_n / 255^2), w_n = clamp(min(k, 1020 - k), 0, 255),
+    k = (255·n + 6·h) mod 1530, n = 5, 3, 1 for r, g, b.
+    """
+    v = fn.reductions.max(x, axes=2, keep_dims=True)  # HxWx1
+    c = v - fn.reductions.min(x, axes=2, keep_dims=True)  # HxWx1, chroma
+    is_max = fn.cast(x == v, dtype=types.FLOAT)  # HxWx3
+    first = is_max * (fn.coord_transform(is_max, M=_EARLIER) == 0)  # HxWx3 one-hot: r, g, b order
+    q = fn.cast((v - x) / (c + (c == 0)), dtype=types.FLOAT64)  # HxWx3: PIL's float32 rc, gc, bc
+    rc, gc, bc = q[:, :, 0], q[:, :, 1], q[:, :, 2]  # HxW each
+    sector = fn.cast(fn.stack(bc - gc, 2.0 + rc - bc, 4.0 + gc - rc, axis=2), dtype=types.FLOAT)  # HxWx3
+    h = fn.cast(fn.reductions.sum(first * sector, axes=2, keep_dims=True), dtype=types.FLOAT64) / 6.0 + 1.0
+    h = fn.cast(h - (h >= 1.0), dtype=types.FLOAT)  # HxWx1: fmod(h, 1), stored in a float as PIL does
+    h = dmath.floor(fn.cast(h, dtype=types.FLOAT64) * 255.0)  # HxWx1, the hue byte
+    s = dmath.floor(255.0 * c / (v + (v == 0)))  # HxWx1, the saturation byte
+    h = _mod(h + _trunc(fn.cast(shift, dtype=types.FLOAT64) * 255.0), 256.0)  # torchvision's uint8 wrap
+    k = _mod(types.Constant(np.array([5 * 255, 3 * 255, 255], np.float32)) + 6.0 * fn.cast(h, dtype=types.FLOAT),
+             1530.0)  # HxWx3
+    w = dmath.clamp(dmath.min(k, 1020.0 - k), 0.0, 255.0)
+    num = fn.cast(v * 65025.0 - v * s * w, dtype=types.INT32)  # 255^2·output, exact
+    return fn.cast((2 * num + 65025) // 130050, dtype=types.FLOAT)  # HxWx3, rounded half up
+
+
+def _affine_slot(y, kind, factors: dict):
+    """Brightness, contrast or saturation (or nothing), chosen per sample by `kind` (B, C, S or
+    _IDENTITY_SLOT): the three are blends with base 0, the mean grey, the pixel grey."""
+    f = (kind == _IDENTITY_SLOT) * 1.0
+    base = 0.0
+    for op in (B, C, S):
+        if op in factors:
+            f = f + (kind == op) * factors[op]
+    if C in factors:
+        base = base + (kind == C) * _mean_grey(y)
+    if S in factors:
+        base = base + (kind == S) * _grey(y)
+    return _blend(base, y, f)
+
+
+def jitter_orders(v: ViewSpec) -> list[tuple[int, ...]]:
+    """Every order of the enabled jitter ops (an op whose range is the single identity value is left
+    out, as torch_ref skips it); the pipeline draws one uniformly per sample."""
+    enabled = [op for op, amount in zip((B, C, S, H), (v.brightness, v.contrast, v.saturation, v.hue))
+               if amount > 0]
+    return list(itertools.permutations(enabled))
+
+
+def jitter_draws(v: ViewSpec):
+    """Per-sample draws: {op: factor} with sample_color's ranges, and the index of the order."""
+    ranges = {B: (max(0.0, 1 - v.brightness), 1 + v.brightness), C: (max(0.0, 1 - v.contrast), 1 + v.contrast),
+              S: (max(0.0, 1 - v.saturation), 1 + v.saturation), H: (-v.hue, v.hue)}
+    orders = jitter_orders(v)
+    factors = {op: fn.random.uniform(range=list(ranges[op])) for op in (orders[0] if orders else ())}
+    which = fn.random.uniform(values=list(range(len(orders))), dtype=types.INT32) if len(orders) > 1 else 0
+    return factors, which
+
+
+def _slot_plan(orders: list[tuple[int, ...]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Per affine slot, the op it applies under each order (a lookup table over the order index).
+
+    Without hue: slot j applies order[j]. With hue, hue runs once, between len-1 slots before it and
+    len-1 slots after it: slot j before applies order[j] if hue comes later, else nothing, and slot j
+    after applies order[p+1+j] (p = position of hue) if there is one. One hue op instead of one per
+    position keeps the graph small.
+    """
+    n = len(orders[0])
+    if H not in orders[0]:
+        return [[o[j] for o in orders] for j in range(n)], []
+    before = [[o[j] if j < o.index(H) else _IDENTITY_SLOT for o in orders] for j in range(n - 1)]
+    after = [[o[o.index(H) + 1 + j] if o.index(H) + 1 + j < n else _IDENTITY_SLOT for o in orders]
+             for j in range(n - 1)]
+    return before, after
+
+
+def jitter(x, v: ViewSpec, factors: dict, which):
+    """Colour jitter in the order jitter_orders(v)[which], per sample. uint8 HxWx3 -> uint8 HxWx3."""
+    orders = jitter_orders(v)
+    if not orders:
+        return x
+    y = fn.cast(x, dtype=types.FLOAT)
+    before, after = _slot_plan(orders)
+
+    def slots(y, table):
+        for kinds in table:
+            kind = kinds[0] if len(orders) == 1 else fn.lookup_table(
+                which, keys=list(range(len(orders))), values=kinds, dtype=types.INT32)
+            y = _affine_slot(y, kind, factors)
+        return y
+
+    y = slots(y, before)
+    if H in factors:
+        y = slots(hue(y, factors[H]), after)
+    return fn.cast(y, dtype=types.UINT8)
+
+
+def grayscale(x):
+    """PIL convert("L").convert("RGB") on uint8 HxWx3."""
+    g = fn.cast(_grey(x), dtype=types.UINT8)  # HxWx1
+    return fn.cat(g, g, g, axis=2)
+
+
+def gaussian_blur(x, v: ViewSpec, sigma):
+    """torchvision gaussian_blur: kernel side v.blur_kernel, per-sample sigma, reflect-101 borders."""
+    return fn.gaussian_blur(x, window_size=v.blur_kernel, sigma=sigma)
+
+
+def solarize(x, threshold: int):
+    """torchvision/PIL solarize on uint8: x >= threshold -> 255 - x."""
+    xi = fn.cast(x, dtype=types.INT32)
+    return fn.cast(xi + (xi >= threshold) * (255 - 2 * xi), dtype=types.UINT8)
+
+
+def _coin(p: float):
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def _view(images, v: ViewSpec, crop=None, finish: bool = True):
+    """One view of decoded uint8 HWC images -> 3xSxS float32 normalised (uint8 when not `finish`).
+    `crop` is an already cropped and resized batch (ROI decoding); otherwise it is cropped here."""
+    if crop is None:
+        crop = fn.random_resized_crop(images, size=[v.crop_size, v.crop_size], random_area=list(v.crop_scale),
+                                      random_aspect_ratio=list(v.crop_ratio), num_attempts=10,
+                                      interp_type=types.INTERP_LINEAR, antialias=True)  # SxSx3 uint8
+    x = crop
+    if finish:
+        if v.jitter_p > 0:
+            if _coin(v.jitter_p):
+                x = jitter(x, v, *jitter_draws(v))
+        if v.gray_p > 0:
+            if _coin(v.gray_p):
+                x = grayscale(x)
+        if v.blur_p > 0:
+            sigma = fn.random.uniform(range=list(v.blur_sigma))
+            if _coin(v.blur_p):
+                x = gaussian_blur(x, v, sigma)
+        if v.solarize_p > 0:
+            if _coin(v.solarize_p):
+                x = solarize(x, v.solarize_threshold)
+    mirror = fn.random.coin_flip(probability=v.flip_p) if v.flip_p > 0 else 0
+    if not finish:
+        return fn.crop_mirror_normalize(x, mirror=mirror, dtype=types.UINT8, output_layout="CHW")
+    return fn.crop_mirror_normalize(x, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255 * m for m in v.mean], std=[255 * s for s in v.std])
+
+
+def _read(files, labels, shard_id: int, num_shards: int):
+    return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                           random_shuffle=False, pad_last_batch=True, name="reader")
+
+
+@pipeline_def(enable_conditionals=True)
+def train_pipeline(files: Sequence[str], labels: Sequence[int], views: tuple[ViewSpec, ...], shard_id: int = 0,
+                   num_shards: int = 1, gpu: bool = False, decode: str = "once", finish: bool = True):
+    """Decode once, one augmentation chain per ViewSpec; outputs (view_0, ..., view_k, label).
+
+    decode="roi" instead decodes only each view's random crop (`decoders.image_random_crop`): one
+    partial decode PER VIEW. Kept for the benchmark that compares the two (benchmarks/dali_throughput.py).
+    """
+    jpegs, label = _read(files, labels, shard_id, num_shards)
+    device = "mixed" if gpu else "cpu"
+    if decode == "roi":
+        outs = []
+        for v in views:
+            roi = fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB,
+                                                random_area=list(v.crop_scale),
+                                                random_aspect_ratio=list(v.crop_ratio), num_attempts=10)
+            crop = fn.resize(roi, size=[v.crop_size, v.crop_size], interp_type=types.INTERP_LINEAR,
+                             antialias=True)
+            outs.append(_view(None, v, crop=crop, finish=finish))
+        return (*outs, label)
+    images = fn.decoders.image(jpegs, device=device, output_type=types.RGB)  # HxWx3 uint8, once
+    return (*[_view(images, v, finish=finish) for v in views], label)
+
+
+def _eval_size(shape, resize: int):
+    """torchvision's resize(shorter side = resize): (resize, floor(resize·long/short)), per sample."""
+    h, w = shape[0], shape[1]
+    tall = h > w
+    long_ = (resize * dmath.max(h, w)) // dmath.min(h, w)
+    return fn.cast(fn.stack(tall * long_ + (1 - tall) * resize, tall * resize + (1 - tall) * long_),
+                   dtype=types.FLOAT)  # (out_h, out_w)
+
+
+def _centre_start(extent, crop: int):
+    """torchvision's centre-crop offset int(round((extent - crop) / 2)): Python rounds halves to even."""
+    d = extent - crop
+    return d // 2 + ((d - (d // 4) * 4) == 3)
+
+
+@pipeline_def
+def eval_pipeline(files: Sequence[str], labels: Sequence[int], crop_size: int, resize: int,
+                  mean: Sequence[float], std: Sequence[float], gpu: bool = False):
+    """Resize the shorter side to `resize` (bilinear, antialiased) -> centre crop -> normalise."""
+    jpegs, label = _read(files, labels, 0, 1)
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    size = _eval_size(fn.peek_image_shape(jpegs, dtype=types.INT32), resize)
+    resized = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    hw = fn.cast(size, dtype=types.INT32)
+    start = fn.stack(_centre_start(hw[0], crop_size), _centre_start(hw[1], crop_size))
+    crop = fn.slice(resized, start=start, shape=[crop_size, crop_size], axis_names="HW")  # SxSx3
+    return fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255 * m for m in mean], std=[255 * s for s in std]), label
+
+
+# ---------------------------------------------------------------------------------------- loaders
+def _epoch_order(num_samples: int, global_batch: int, world_size: int, seed: int, epoch: int,
+                 start_step: int) -> np.ndarray:
+    """Sample indices of steps start_step.. of `epoch`, rank-major: rank r's slices of every global
+    batch, then rank r+1's. The permutation is EpochBatchSampler's, so the batches are the same."""
+    steps = num_samples // global_batch
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    per_rank = perm[: steps * global_batch].reshape(steps, world_size, global_batch // world_size)
+    return per_rank[start_step:].transpose(1, 0, 2).reshape(-1)
+
+
+def _device_id(device) -> Optional[int]:
+    """The CUDA device index for DALI, or None for a CPU-only pipeline."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _unreadable(error: RuntimeError, candidates: Sequence[str]) -> RuntimeError:
+    """One line for a DALI failure: the file it names, else the first of `candidates` (the files of
+    the failing and prefetched batches) that PIL cannot read either, else DALI's own message."""
+    named = re.search(r"Failed to decode sample #\d+ : (.+)", str(error))
+    if named:
+        return ImageReadError(f"cannot read image {named.group(1).strip()}: DALI cannot decode it; remove or "
+                              f"replace the file")
+    for path in candidates:
+        try:
+            _open_rgb(path)
+        except ImageReadError as bad:
+            return bad
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and "pipeline" not in ln]
+    return RuntimeError(f"DALI pipeline failed: {lines[-1] if lines else error}")
+
+
+def _run(pipe, names: list[str], steps: Optional[int], files_of_step, policy) -> Iterator[dict]:
+    """Batches (name -> tensor) of one pass of `pipe`: `steps` of them, or all (the last one partial).
+    The pipeline and its threads live as long as this generator: closing it early releases them."""
+    try:
+        it = DALIGenericIterator(pipe, names, reader_name="reader", last_batch_policy=policy, auto_reset=False)
+    except RuntimeError as e:  # the iterator runs the first batch already
+        raise _unreadable(e, files_of_step(0)) from None
+    step = 0
+    while steps is None or step < steps:
+        try:
+            batch = next(it)[0]
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            raise _unreadable(e, files_of_step(step)) from None
+        yield batch
+        step += 1
+
+
+class DaliTrainLoader:
+    """The loader seam, DALI backend: yields (views: list of Nx3xHxW float32, labels: N long), on the
+    GPU when `device_id` is set, else on CPU.
+
+    The DALI iterator is not passed through `accelerator.prepare`: accelerate only shards torch
+    DataLoaders; this loader shards itself (the reader's shard_id / num_shards = process index / count).
+    """
+
+    def __init__(self, samples, classes, spec: AugmentSpec, global_batch: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, threads: int = 1, device_id: Optional[int] = None,
+                 decode: str = "once", finish: bool = True, prefetch: int = 2):
+        if decode not in ("once", "roi"):
+            raise ValueError(f"decode must be 'once' or 'roi', got {decode!r}")
+        self.files = [path for path, _ in samples]
+        self.labels = [label for _, label in samples]
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.spec = spec
+        self.sampler = EpochBatchSampler(len(self.files), global_batch, rank, world_size, seed)  # the checks
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.per_batch = global_batch // world_size
+        self.threads, self.device_id, self.decode, self.prefetch = max(1, threads), device_id, decode, prefetch
+        self.uint8_views = not finish  # the seam then finishes the views on the device (aug.on_device)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def _pipeline(self, order: np.ndarray):
+        s = self.sampler
+        # one seed per (run seed, epoch, rank, start_step): reproducible, different on every rank
+        dali_seed = int(np.random.default_rng([self.seed, s.epoch, self.rank, s.start_step]).integers(2 ** 31))
+        return train_pipeline(files=[self.files[i] for i in order], labels=[self.labels[i] for i in order],
+                              views=self.spec.views, shard_id=self.rank, num_shards=self.world_size,
+                              gpu=self.device_id is not None, decode=self.decode, finish=not self.uint8_views,
+                              batch_size=self.per_batch, num_threads=self.threads, device_id=self.device_id,
+                              seed=dali_seed, prefetch_queue_depth=self.prefetch)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        steps = len(self)
+        if steps == 0:
+            return
+        s = self.sampler
+        order = _epoch_order(len(self.files), s.global_batch, self.world_size, self.seed, s.epoch, s.start_step)
+        mine = order[self.rank * steps * self.per_batch: (self.rank + 1) * steps * self.per_batch]
+
+        def files_of_step(step: int) -> list[str]:  # the failing batch and the ones prefetched after it
+            return [self.files[i] for i in mine[step * self.per_batch: (step + self.prefetch + 2) * self.per_batch]]
+
+        names = [f"view{k}" for k in range(self.spec.num_views)]
+        for batch in _run(self._pipeline(order), names + ["label"], steps, files_of_step, LastBatchPolicy.DROP):
+            yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
+
+
+class DaliEvalLoader:
+    """Deterministic evaluation through DALI: shorter side -> `resize`, centre crop `crop_size`,
+    normalise; yields (images Nx3xHxW float32, labels N long) in sample order, the last batch partial.
+    `max_samples` keeps the evenly spaced subset of the torch EvalLoader."""
+
+    def __init__(self, samples, classes, *, crop_size: int, resize: int, batch_size: int = 256,
+                 threads: int = 1, max_samples: Optional[int] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 device_id: Optional[int] = None):
+        samples = list(samples)
+        if max_samples is not None and max_samples < len(samples):
+            keep = (np.arange(max_samples) * len(samples)) // max_samples
+            samples = [samples[i] for i in keep]
+        self.files = [path for path, _ in samples]
+        self.labels = [label for _, label in samples]
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.crop_size, self.resize, self.batch_size = crop_size, resize, min(batch_size, len(samples))
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.threads, self.device_id = max(1, threads), device_id
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = eval_pipeline(files=self.files, labels=self.labels, crop_size=self.crop_size, resize=self.resize,
+                             mean=self.mean, std=self.std, gpu=self.device_id is not None,
+                             batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, seed=0)
+        bs = self.batch_size
+
+        def files_of_step(step: int) -> list[str]:
+            return self.files[step * bs: (step + 3) * bs]
+
+        for batch in _run(pipe, ["images", "label"], None, files_of_step, LastBatchPolicy.PARTIAL):
+            yield batch["images"], batch["label"].view(-1).long()  # Nx3xSxS, N
+
+
+# ------------------------------------------------------------------------- the seam's entry points
+def train_loader(cfg, spec: AugmentSpec, *, rank: int, world_size: int, device) -> DaliTrainLoader:
+    from fastairl.data.datasets import load_samples
+
+    samples, classes = load_samples(cfg.data, cfg.data.train, key="data.train")
+    return DaliTrainLoader(samples, classes, spec, cfg.train.batch_size, rank, world_size, cfg.train.seed,
+                           threads=cfg.data.workers, device_id=_device_id(device), finish=not cfg.aug.on_device)
+
+
+def linear_train_loader(cfg, path: str, *, rank: int = 0, world_size: int = 1, device="cpu",
+                        batch_size: Optional[int] = None) -> DaliTrainLoader:
+    """Linear-evaluation training data: one view, random-resized crop + flip (the crop_flip preset at
+    aug.crop_size), labels for the classifier."""
+    from fastairl.data.datasets import load_samples
+
+    samples, classes = load_samples(cfg.data, path)
+    spec = make_spec("crop_flip", crop_size=cfg.aug.crop_size, num_views=1)
+    return DaliTrainLoader(samples, classes, spec, batch_size or cfg.train.batch_size, rank, world_size,
+                           cfg.train.seed, threads=cfg.data.workers, device_id=_device_id(device))
+
+
+def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, batch_size: int = 256,
+                pin_memory: bool = False) -> DaliEvalLoader:
+    """`pin_memory` is unused: on a GPU the batches are decoded and produced on the current device."""
+    from fastairl.data.datasets import load_samples
+    from fastairl.pipelines import eval_resize
+
+    v = spec_from_config(cfg.aug).views[0]
+    samples, classes = load_samples(cfg.data, path)
+    device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return DaliEvalLoader(samples, classes, crop_size=cfg.aug.crop_size, resize=eval_resize(cfg),
+                          batch_size=batch_size, threads=cfg.data.workers, max_samples=max_samples,
+                          mean=v.mean, std=v.std, device_id=device_id)
