@@ -16,7 +16,8 @@ converted version of the same corpus. Paths:
 Per-core figures: every path runs with ONE loader thread/process doing the work (`data.workers`: 0 for
 the torch paths = in the measuring process; 1 thread for DALI and FFCV) and torch pinned to one
 intra-op thread, so images/s is images/s per core. A repeat = `--steps` batches after `--warmup`
-batches of a fresh epoch; the report gives median, min and max over repeats, the ratio of each
+batches of a fresh epoch, and repeats are interleaved across paths (A B C A B C ...); the report
+gives median, min and max over repeats, the ratio of each
 path's median to torch_pil's, and the environment. Nothing here asserts on speed.
 
     python benchmarks/bench_pipeline.py                       # 1,000 images, crop 224, batch 32
@@ -84,26 +85,24 @@ def path_config(path: str, train: str, args) -> dict:
             "train": {"batch_size": args.batch, "seed": 0}}
 
 
-def measure(loader, device: torch.device, args) -> list[float]:
-    """Dual-view images/s per repeat; each repeat is a fresh epoch, timed after `warmup` batches."""
-    rates = []
-    for rep in range(args.repeats):
-        loader.set_epoch(rep)
-        it = iter(loader)
-        for _ in range(args.warmup):
-            next(it)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        n = 0
-        for _ in range(args.steps):
-            views, labels = next(it)
-            n += labels.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates.append(n / (time.perf_counter() - t0))
-        del it
-    return rates
+def measure_once(loader, device: torch.device, epoch: int, args) -> float:
+    """Dual-view images/s of one repeat: a fresh epoch, timed after `warmup` batches."""
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(args.warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(args.steps):
+        views, labels = next(it)
+        n += labels.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = n / (time.perf_counter() - t0)
+    del it
+    return rate
 
 
 def corpus(args) -> Path:
@@ -124,7 +123,8 @@ def beton_for(train: Path, args) -> str:
     return str(out)
 
 
-def run_path(path: str, train: Path, device: torch.device, args) -> dict:
+def build_path(path: str, train: Path, device: torch.device, args):
+    """(loader, description) of one path, built through the seam as the trainer builds it."""
     from fastairl.config import build_config
     from fastairl.data.augment import spec_from_config
     from fastairl.pipelines import build_train_loader
@@ -133,10 +133,8 @@ def run_path(path: str, train: Path, device: torch.device, args) -> dict:
     cfg = build_config(path_config(path, source, args))
     t0 = time.perf_counter()
     loader = build_train_loader(cfg, spec_from_config(cfg.aug), rank=0, world_size=1, device=device)
-    build_s = time.perf_counter() - t0
-    rates = measure(loader, device, args)
-    return {"img_per_s": summary(rates), "build_s": build_s, "workers": cfg.data.workers,
-            "engine": cfg.aug.engine, "on_device": cfg.aug.on_device, "pipeline": cfg.data.pipeline}
+    return loader, {"build_s": time.perf_counter() - t0, "workers": cfg.data.workers, "engine": cfg.aug.engine,
+                    "on_device": cfg.aug.on_device, "pipeline": cfg.data.pipeline}
 
 
 def table(report: dict) -> str:
@@ -178,15 +176,30 @@ def main(argv=None) -> dict:
     train = corpus(args)
     report = {"environment": environment(), "device": str(device),
               "params": {k: getattr(args, k) for k in (*FULL, "quick")}, "paths": {}}
+    loaders = {}
     for path in args.paths.split(","):
-        print(f"[{path}] ...", flush=True)
+        print(f"[{path}] building", flush=True)
         try:
-            report["paths"][path] = run_path(path, train, device, args)
+            loaders[path], report["paths"][path] = build_path(path, train, device, args)
         except ImportError as e:  # an extra that is not installed: recorded, not fatal
             report["paths"][path] = {"skipped": str(e)}
         except Exception as e:  # noqa: BLE001 - one broken path must not hide the others' numbers
             traceback.print_exc()
             report["paths"][path] = {"skipped": f"failed: {type(e).__name__}: {e}"}
+    # repeats interleaved across paths (A B C A B C ...): load from other jobs on a shared machine
+    # then drifts over every path alike instead of biasing whichever path ran during a busy spell
+    rates: dict = {path: [] for path in loaders}
+    for rep in range(args.repeats):
+        for path, loader in list(loaders.items()):
+            try:
+                rates[path].append(measure_once(loader, device, rep, args))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                report["paths"][path] = {"skipped": f"failed: {type(e).__name__}: {e}"}
+                del loaders[path]
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{p} {r[-1]:.1f}" for p, r in rates.items() if p in loaders), flush=True)
+    for path in loaders:
+        report["paths"][path]["img_per_s"] = summary(rates[path])
     base = report["paths"].get("torch_pil", {}).get("img_per_s", {}).get("median")
     for r in report["paths"].values():
         if base and "img_per_s" in r:
