@@ -11,6 +11,8 @@ Gaussian, all on uint8 in C (OpenCV). Tests bound the per-pixel difference on re
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -70,8 +72,11 @@ def grayscale(x: np.ndarray) -> np.ndarray:
 
 
 def blur(x: np.ndarray, sigma: float, kernel: int) -> np.ndarray:
-    # BORDER_REFLECT_101 is torchvision's "reflect" padding
-    return cv2().GaussianBlur(x, (kernel, kernel), sigmaX=sigma, sigmaY=sigma, borderType=cv2().BORDER_REFLECT_101)
+    """torchvision's Gaussian blur of side `kernel`, with the taps beyond 4 sigma dropped (their weight
+    is < 1e-4 of the centre's: no pixel changes by a grey level, and the blur is up to 2x cheaper).
+    BORDER_REFLECT_101 is torchvision's "reflect" padding."""
+    k = min(kernel, 2 * math.ceil(4 * sigma) + 1)
+    return cv2().GaussianBlur(x, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2().BORDER_REFLECT_101)
 
 
 def solarize(x: np.ndarray, threshold: int) -> np.ndarray:
@@ -143,8 +148,9 @@ class OpenCVViews:
     def __init__(self, spec: AugmentSpec, finish: bool = True):
         self.spec, self.finish = spec, finish
         cv2()  # fail early with the install line, not inside a worker
-        self._stats = [(torch.tensor(v.mean).view(3, 1, 1) * 255, torch.tensor(v.std).view(3, 1, 1) * 255)
-                       for v in spec.views]
+        # normalisation as a per-channel uint8 -> float32 lookup table: one pass instead of three
+        self._luts = [((np.arange(256)[:, None] - np.array(v.mean) * 255) / (np.array(v.std) * 255))
+                      .astype(np.float32).reshape(256, 1, 3) for v in spec.views]
 
     def __call__(self, path: str, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         def plan(w0: int, h0: int):
@@ -153,12 +159,11 @@ class OpenCVViews:
 
         img, r, draws = decode_for_crops(path, plan)
         out = []
-        for (box, c), v, (mean, std) in zip(draws, self.spec.views, self._stats):
+        for (box, c), v, lut in zip(draws, self.spec.views, self._luts):
             x = crop_resize(img, box, r, v.crop_size)  # HxWx3 uint8
             if c.flip:
                 x = cv2().flip(x, 1)
             if self.finish:
-                x = finish_view(x, c, v)
-            t = torch.from_numpy(x).permute(2, 0, 1)  # 3xHxW uint8 (a view)
-            out.append(t.float().sub_(mean).div_(std) if self.finish else t.contiguous())
+                x = cv2().LUT(finish_view(x, c, v), lut)  # HxWx3 float32, normalised
+            out.append(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))))  # 3xHxW
         return tuple(out)
