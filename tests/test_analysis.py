@@ -24,19 +24,11 @@ from fastairl.cli import main as cli
 from fastairl.config import load_config
 from fastairl.models import build_backbone
 from fastairl.trainer import train
-from tiny_runs import small_folder, write_recipe
+from tiny_runs import one_intra_op_thread, small_folder, write_recipe
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    mp.undo()
+one_thread = pytest.fixture(scope="module", autouse=True)(one_intra_op_thread)
 
 
 @pytest.fixture(scope="module")

@@ -29,22 +29,14 @@ from fastairl.data.augment import sample_rng, spec_from_config
 from fastairl.data.datasets import scan_folder
 from fastairl.methods import Siamese
 from fastairl.pipelines.torch_ref import DualViewDataset, TorchTrainLoader
-from tiny_runs import TRAIN_PY, losses, one_line_error, small_folder, train_cmd, write_recipe
+from tiny_runs import (TRAIN_PY, losses, one_intra_op_thread, one_line_error, small_folder, train_cmd,
+                       write_recipe)
 
 TOTAL = 8  # 4 epochs of 2 steps (40 images, batch 16)
 NOISY = ("img_per_s", "data_wait_frac")  # wall-clock measurements
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    """Bit-exactness across processes needs one intra-op thread count; subprocesses inherit the env."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    mp.undo()
+fixed_threads = pytest.fixture(scope="module", autouse=True)(one_intra_op_thread)
 
 
 @pytest.fixture(scope="module")

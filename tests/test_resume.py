@@ -14,7 +14,7 @@ import torch
 from fastairl import checkpoint
 from fastairl.config import load_config
 from fastairl.trainer import train
-from tiny_runs import losses, one_line_error, run, small_folder, train_cmd, write_recipe
+from tiny_runs import losses, one_intra_op_thread, one_line_error, run, small_folder, train_cmd, write_recipe
 
 pytestmark = pytest.mark.slow  # every test here needs a real training run
 
@@ -22,17 +22,7 @@ TOTAL = 4  # 2 epochs of 2 steps (40 images, batch 16)
 NOISY = ("img_per_s", "data_wait_frac")  # wall-clock measurements
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    """Bit-exactness holds for a fixed intra-op thread count; the trainer otherwise sizes the pool by
-    data.workers, and these runs compare workers=0 with workers=1. OMP_NUM_THREADS makes it keep ours."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    mp.undo()
+fixed_threads = pytest.fixture(scope="module", autouse=True)(one_intra_op_thread)
 
 
 @pytest.fixture(scope="module")

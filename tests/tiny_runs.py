@@ -77,3 +77,21 @@ def one_line_error(proc, *fragments) -> str:
     for f in fragments:
         assert f in lines[0], lines[0]
     return lines[0]
+
+
+def one_intra_op_thread():
+    """Generator for a module-scoped autouse fixture: OMP_NUM_THREADS=1 (the trainer then keeps it, and
+    subprocesses inherit it) and one torch thread here. Bit-exact comparisons need a fixed thread count.
+
+        fixed_threads = pytest.fixture(scope="module", autouse=True)(one_intra_op_thread)
+    """
+    import pytest
+    import torch
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    mp.undo()
