@@ -203,3 +203,12 @@ def test_cifar_lt_folder_and_a_knn_eval_on_it(tmp_path):
     assert s["train_samples"] == sum(got) and s["val_samples"] == 60 and 0 <= s["knn_top1"]["5"] <= 100
     proc = run([sys.executable, "-m", "fastairl.cli", "data", "cifar", "--out", tmp_path / "x"], cwd=tmp_path)
     assert "--src" in one_line_error(proc)
+
+
+def test_quickstart_eval_recipe_matches_the_quickstart():
+    from fastairl.config import load_config
+
+    q, e = load_config(REPO / "recipes" / "quickstart.yaml"), load_config(REPO / "recipes" / "quickstart_eval.yaml")
+    assert (e.model.arch, e.model.cifar_stem, e.aug.crop_size) == (q.model.arch, q.model.cifar_stem, q.aug.crop_size)
+    assert (e.data.train, e.data.val) == (q.data.train, q.data.val)
+    assert e.eval.protocol == "linear" and e.eval.cache_features and e.eval.momentum == 0.9 and e.eval.weight_decay == 0

@@ -16,7 +16,7 @@ from fastairl.config import config_to_dict, load_config
 from fastairl.data.augment import spec_from_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-LEAD_OWNED = {"quickstart.yaml"}  # written and checked elsewhere; loaded here when present
+LEAD_OWNED = {"quickstart.yaml", "quickstart_eval.yaml"}  # written and checked elsewhere; loaded here when present
 
 
 def _rel(p: Path) -> str:
