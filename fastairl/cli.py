@@ -1,5 +1,6 @@
 """Command line: `fastairl train|eval RECIPE [overrides]`, `fastairl data digits|photos|cifar --out DIR`,
-`fastairl convert INPUT OUT.beton` (FFCV), and the analysis tools (norms, cka, normrescale, export)."""
+`fastairl convert INPUT OUT.beton` (FFCV), the analysis tools (norms, cka, normrescale, export),
+`fastairl study STUDY.yaml` (the paper's studies) and `fastairl taxonomy` (WordNet label maps)."""
 from __future__ import annotations
 
 import argparse
@@ -121,12 +122,22 @@ def _analysis_main(tool: str):
     return run
 
 
+def _module_main(module: str):
+    """`fastairl.<module>.main(argv)`, imported when the subcommand runs (study, taxonomy)."""
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"{__package__}.{module}").main(argv)
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": train_main, "eval": eval_main, "data": data_main, "convert": convert_main}
     commands.update({tool: _analysis_main(tool) for tool in ANALYSIS_TOOLS})
+    commands.update(study=_module_main("study"), taxonomy=_module_main("data.taxonomy"))
     if not argv or argv[0] not in commands:
-        print("usage: fastairl {train,eval,data,convert,norms,cka,normrescale,export} ...  "
+        print("usage: fastairl {train,eval,data,convert,norms,cka,normrescale,export,study,taxonomy} ...  "
               "(fastairl train -h for help)", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])

@@ -97,6 +97,9 @@ class DataConfig:
     val: Optional[str] = None  # held-out split for the kNN monitor and final evaluation
     class_fraction: float = 1.0
     class_seed: int = 0
+    # 'class<TAB>superclass' lines (`fastairl taxonomy`): train on merged labels (Table 6); applied
+    # after class_fraction, by every loader that reads data through fastairl.data.datasets.load_samples
+    label_map: Optional[str] = None
     num_classes: int = 1000  # used by synthetic data only; folders count their classes
     synthetic_size: int = 1281167
     workers: int = 8

@@ -23,7 +23,9 @@ def _rel(p: Path) -> str:
     return p.relative_to(RECIPES).as_posix()
 
 
-ALL_FILES = sorted(_rel(p) for p in RECIPES.rglob("*.yaml") if not p.name.startswith("_"))
+# study files (recipes/studies) are not training recipes; tests/test_study.py loads every recipe they name
+ALL_FILES = sorted(_rel(p) for p in RECIPES.rglob("*.yaml")
+                   if not p.name.startswith("_") and "studies" not in p.relative_to(RECIPES).parts)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

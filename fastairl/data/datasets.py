@@ -126,7 +126,8 @@ def subset(samples: Samples, classes: list[str], keep: list[int]) -> tuple[Sampl
 
 def load_samples(data_cfg, path: Optional[str], key: Optional[str] = None) -> tuple[Samples, list[str]]:
     """The (samples, classes) of `path` read as `data_cfg.source` says, restricted to the
-    `data_cfg.class_fraction` subset (same classes for train and val when their class lists agree)."""
+    `data_cfg.class_fraction` subset (same classes for train and val when their class lists agree), then
+    relabelled to the super-classes of `data_cfg.label_map` when one is set."""
     if key is None:
         is_val = path is not None and path == data_cfg.val and path != data_cfg.train
         key = "data.val" if is_val else "data.train"
@@ -144,4 +145,8 @@ def load_samples(data_cfg, path: Optional[str], key: Optional[str] = None) -> tu
     if data_cfg.class_fraction < 1.0:
         samples, classes = subset(samples, classes,
                                   select_classes(classes, data_cfg.class_fraction, data_cfg.class_seed))
+    if data_cfg.label_map:  # merged labels (Table 6): the classes become the super-classes
+        from .taxonomy import apply_label_map
+
+        samples, classes = apply_label_map(samples, classes, data_cfg.label_map)
     return samples, classes
