@@ -8,10 +8,8 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from fastairl.data.datasets import DataError, scan_folder, select_classes
 
 import fastairl.pipelines.convert as convert_mod
 from fastairl.pipelines.convert import ConvertError, ImageOptions, convert, manifest_path
+from tiny_runs import deadline
 
 # find_spec, not an import: importing ffcv compiles numba code for seconds; the CIFAR tests need none of it
 needs_ffcv = pytest.mark.skipif(importlib.util.find_spec("ffcv") is None,
@@ -79,21 +78,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def files_in(folder) -> list[str]:
     return sorted(os.listdir(folder))
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging forever (a stuck writer must be a test failure, not a stuck CI)."""
-    def fail(*_):
-        raise TimeoutError(f"conversion still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_convert(*args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -230,7 +214,7 @@ def test_cifar_reader_errors_name_the_path(tmp_path):
 @needs_ffcv
 def test_cifar_and_cifar_lt_conversion(cifar10_root, tmp_path):
     root, train, test, classes = cifar10_root
-    with deadline(240):
+    with deadline(240, "conversion still running"):
         m = convert(root, tmp_path / "c10.beton", workers=2, progress=False)
         mt = convert(root, tmp_path / "c10_test.beton", split="test", workers=1, progress=False)
         ml = convert(root, tmp_path / "c10lt.beton", source="cifar-lt", workers=2, progress=False)
@@ -269,7 +253,7 @@ def square_photos(photo_root, tmp_path_factory):
 def test_folder_read_back_with_ffcv_loader(square_photos, tmp_path):
     samples, classes = scan_folder(square_photos)
     sources = np.stack([pil_rgb(p) for p, _ in samples])
-    with deadline(240):
+    with deadline(240, "conversion still running"):
         raw = convert(square_photos, tmp_path / "raw.beton", options=ImageOptions(write_mode="raw"),
                       workers=2, progress=False)
         jpg = convert(square_photos, tmp_path / "jpg.beton", options=ImageOptions(jpeg_quality=95),
@@ -289,7 +273,7 @@ def test_max_resolution_and_write_modes(photo_root, tmp_path):
     train = photo_root / "train"
     samples, classes = scan_folder(train)
     sources = [pil_rgb(p) for p, _ in samples]
-    with deadline(240):
+    with deadline(240, "conversion still running"):
         for mode in ("raw", "jpg", "smart", "proportion"):
             convert(train, tmp_path / f"{mode}.beton", workers=2, progress=False,
                     options=ImageOptions(max_resolution=96, write_mode=mode, jpeg_quality=90,
@@ -367,7 +351,7 @@ def damaged_folder(photo_root, tmp_path):
 @needs_ffcv
 def test_damaged_files_are_converted_or_skipped_with_reasons(damaged_folder, tmp_path):
     out = tmp_path / "d.beton"
-    with deadline(240):
+    with deadline(240, "conversion still running"):
         m = convert(damaged_folder, out, options=ImageOptions(write_mode="raw"), workers=2, progress=True)
     skipped = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
     assert set(skipped) == {"truncated.jpg", "empty.jpg", "notes.jpg", "deep.png"}
@@ -391,7 +375,7 @@ def test_damaged_files_are_converted_or_skipped_with_reasons(damaged_folder, tmp
 @needs_ffcv
 def test_failed_conversions_leave_the_existing_file_intact(damaged_folder, tmp_path, monkeypatch):
     out = tmp_path / "keep.beton"
-    with deadline(240):
+    with deadline(240, "conversion still running"):
         good = convert(damaged_folder, out, progress=False)
     before, manifest_before = out.read_bytes(), manifest_path(out).read_text()
 
@@ -413,7 +397,7 @@ def test_failed_conversions_leave_the_existing_file_intact(damaged_folder, tmp_p
         return result
 
     monkeypatch.setattr(convert_mod, "_check_all", check_then_delete)
-    with deadline(120), pytest.raises(ConvertError, match=r"cannot read .*grey.jpg .*run the conversion again"):
+    with deadline(120, "conversion still running"), pytest.raises(ConvertError, match=r"cannot read .*grey.jpg .*run the conversion again"):
         convert(damaged_folder, out, workers=2, chunk_size=1, progress=False)
 
     # 3. a worker killed outright (as by the OOM killer): no error message, only its exit code
@@ -426,7 +410,7 @@ def test_failed_conversions_leave_the_existing_file_intact(damaged_folder, tmp_p
         return real_getitem(self, i)
 
     monkeypatch.setattr(convert_mod.FileImages, "__getitem__", die_at_2)
-    with deadline(120), pytest.raises(ConvertError, match=r"writer worker died \(exit code 3"):
+    with deadline(120, "conversion still running"), pytest.raises(ConvertError, match=r"writer worker died \(exit code 3"):
         convert(damaged_folder, out, workers=2, chunk_size=1, progress=False)
 
     assert out.read_bytes() == before and manifest_path(out).read_text() == manifest_before
@@ -442,7 +426,7 @@ def test_cli_converts_and_reports(square_photos, tmp_path, capsys):
     out = tmp_path / "sub" / "cli.beton"  # a missing output folder is created
     argv = ["convert", str(square_photos), str(out), "--write-mode", "raw", "--max-resolution", "32",
             "--workers", "2", "--no-progress"]
-    with deadline(240):
+    with deadline(240, "conversion still running"):
         assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert stdout.startswith("wrote 12 images of 3 classes to") and "skipped 0" in stdout

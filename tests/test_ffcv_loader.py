@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from fastairl.pipelines import build_eval_loader, build_train_loader  # noqa: E4
 from fastairl.pipelines import ffcv_loader as F  # noqa: E402
 from fastairl.pipelines.convert import manifest_path  # noqa: E402
 from fastairl.pipelines.torch_ref import EpochBatchSampler, EvalLoader  # noqa: E402
-from tiny_runs import losses, one_line_error, run, small_folder, train_cmd, write_recipe  # noqa: E402
+from tiny_runs import deadline, losses, one_line_error, run, small_folder, train_cmd, write_recipe  # noqa: E402
 
 S = 32  # small crops keep the tests fast; the boxes (>= 8 % of ~500x375) are still shrunk 4-15x
 GLOBAL_BATCH = 12  # 40 photos -> 3 steps, 4 samples dropped
@@ -87,21 +85,6 @@ def _cfg(train, **data) -> Config:
     for k, v in data.items():
         setattr(cfg.data, k, v)
     return cfg
-
-
-@contextmanager
-def _deadline(seconds: int):
-    """Fail instead of hanging (a loader whose thread died used to wait forever)."""
-    def fail(*_):
-        raise TimeoutError(f"no batch within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -277,7 +260,7 @@ def test_an_error_in_the_loader_thread_reaches_the_consumer(loader, monkeypatch)
 
     monkeypatch.setattr(F, "draw_crops", broken)
     loader.set_epoch(0)
-    with _deadline(120), pytest.raises(RuntimeError, match="FFCV loader of .* failed: ValueError: boom"):
+    with deadline(120, "no batch"), pytest.raises(RuntimeError, match="FFCV loader of .* failed: ValueError: boom"):
         _epoch(loader)
 
 

@@ -2,9 +2,11 @@
 small ImageFolder cut from the bundled digits, and the launch script run as a subprocess."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +97,19 @@ def one_intra_op_thread():
     yield
     torch.set_num_threads(before)
     mp.undo()
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, what: str):
+    """Raise TimeoutError("<what> after <seconds> s") when the block outlives `seconds` (SIGALRM): a
+    stuck writer or loader thread must be a test failure, not a hung CI."""
+    def fail(*_):
+        raise TimeoutError(f"{what} after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
