@@ -29,7 +29,7 @@ from fastairl.data.augment import AugmentSpec, ViewSpec, make_spec, sample_crop 
 from fastairl.data.datasets import scan_folder  # noqa: E402
 from fastairl.pipelines import build_eval_loader, build_train_loader  # noqa: E402
 from fastairl.pipelines.torch_ref import EvalLoader, TorchTrainLoader, augment_view  # noqa: E402
-from tiny_runs import losses, run, train_cmd, write_recipe  # noqa: E402
+from tiny_runs import losses, one_torch_thread, run, train_cmd, write_recipe  # noqa: E402
 
 S = 32  # output side: small crops keep the statistics fast
 TILE = 40  # the photo tiles are TILE x TILE, resized to S by the deterministic full-image "crop"
@@ -42,12 +42,7 @@ NO_JITTER = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 LIGHT = AugmentSpec(tuple(replace(v, gray_p=0.3, solarize_p=0.3) for v in make_spec("crop_flip", crop_size=S).views))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 # ------------------------------------------------------------------------------------------ images

@@ -18,6 +18,7 @@ from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, ABLATION_ORDER, 
                                    sample_crop, sample_rng)
 from fastairl.data.datasets import scan_folder
 from fastairl.pipelines import MissingExtra, build_eval_loader, build_train_loader, eval_resize
+from tiny_runs import one_torch_thread
 from fastairl.pipelines.torch_ref import (DualViewDataset, EpochBatchSampler, EvalLoader, SyntheticLoader,
                                           TorchTrainLoader, augment_view)
 
@@ -37,13 +38,7 @@ def _rgb(path) -> Image.Image:
         return img.convert("RGB")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The ops here are on tiny tensors: extra intra-op threads only add sync cost on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -113,3 +113,14 @@ def deadline(seconds: int, what: str):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def one_torch_thread():
+    """Generator for a module-scoped autouse fixture: one torch intra-op thread in this process only
+    (subprocesses keep theirs). Tiny tensors gain nothing from more threads on a busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
