@@ -57,6 +57,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from fastairl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, spec_from_config
 from fastairl.data.datasets import DataError, select_classes
+from fastairl.data.taxonomy import label_map_remap
 from fastairl.pipelines.convert import manifest_path
 from fastairl.pipelines.torch_ref import EpochBatchSampler
 
@@ -415,9 +416,11 @@ def _threads(workers: int) -> int:
 
 class BetonFile:
     """A checked `.beton`: its Reader, labels, class names (manifest, else 0..C-1) and the sample
-    indices kept by `data.class_fraction` with their labels remapped to 0..k-1."""
+    indices kept by `data.class_fraction` with their labels remapped to 0..k-1, then to the
+    super-classes of `data.label_map` when one is given (as `load_samples` does for folders)."""
 
-    def __init__(self, path, key: str, class_fraction: float = 1.0, class_seed: int = 0):
+    def __init__(self, path, key: str, class_fraction: float = 1.0, class_seed: int = 0,
+                 label_map: Optional[str] = None):
         self.path = Path(path)
         fix = f"convert the dataset first: fastairl convert <images> {self.path}"
         if not self.path.exists():
@@ -438,11 +441,15 @@ class BetonFile:
         labels = self.reader.metadata[f"f{self.reader.field_names.index('label')}"].astype(np.int64)
         classes = self._class_names(labels, key)
         keep = select_classes(classes, class_fraction, class_seed)
+        kept = [classes[i] for i in keep]
+        new_labels = list(range(len(keep)))
+        if label_map:  # merged labels (Table 6), applied after class_fraction like load_samples
+            new_labels, kept = label_map_remap(kept, label_map)
         remap = np.full(len(classes), -1, np.int64)
-        remap[keep] = np.arange(len(keep))
+        remap[keep] = new_labels
         self.indices = np.flatnonzero(remap[labels] >= 0).astype(np.uint64)  # sample ids kept, in order
-        self.label_map = torch.from_numpy(remap)  # file label -> label of the kept classes
-        self.classes = [classes[i] for i in keep]
+        self.label_map = torch.from_numpy(remap)  # file label -> training label (-1: not kept)
+        self.classes = kept
 
     def _class_names(self, labels: np.ndarray, key: str) -> list[str]:
         meta = manifest_path(self.path)
@@ -558,7 +565,8 @@ class FFCVEvalLoader:
 
 # ------------------------------------------------------------------------- the seam's entry points
 def train_loader(cfg, spec: AugmentSpec, *, rank: int, world_size: int, device) -> FFCVTrainLoader:
-    data = BetonFile(cfg.data.train, "data.train", cfg.data.class_fraction, cfg.data.class_seed)
+    data = BetonFile(cfg.data.train, "data.train", cfg.data.class_fraction, cfg.data.class_seed,
+                     cfg.data.label_map)
     return FFCVTrainLoader(data, spec, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                            cfg.data.workers)
 
@@ -572,7 +580,7 @@ def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, 
     if path is None:
         raise DataError(f"{key} is not set; point it at a .beton file written by fastairl convert")
     v = spec_from_config(cfg.aug).views[0]
-    data = BetonFile(path, key, cfg.data.class_fraction, cfg.data.class_seed)
+    data = BetonFile(path, key, cfg.data.class_fraction, cfg.data.class_seed, cfg.data.label_map)
     return FFCVEvalLoader(data, crop_size=cfg.aug.crop_size, resize=eval_resize(cfg),
                           batch_size=batch_size, workers=cfg.data.workers, max_samples=max_samples,
                           mean=v.mean, std=v.std)

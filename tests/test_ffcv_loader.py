@@ -302,6 +302,42 @@ def test_class_fraction_picks_the_torch_backends_classes(raw_beton, photo_root):
     assert labels.tolist() == [label for _, label in want_samples]
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_label_map_merges_labels_like_the_torch_reference(raw_beton, photo_root, tmp_path, fraction):
+    """data.label_map (after data.class_fraction): the train and eval loaders yield the super-class
+    labels and names that the torch reference yields on the folder of the same photos, batch for batch."""
+    _, classes = scan_folder(photo_root / "train")
+    groups = {"space": ("astronaut", "rocket", "hubble"), "micro": ("immunohistochemistry", "retina")}
+    sup = {c: next((g for g, names in groups.items() if c.split("_", 1)[1].startswith(names)), "scene")
+           for c in classes}
+    lm = tmp_path / "supers.tsv"
+    lm.write_text("# photo classes -> 3 super-classes\n" + "".join(f"{c}\t{s}\n" for c, s in sup.items()))
+    spec = make_spec("crop_flip", crop_size=S)
+    data = dict(label_map=str(lm), class_fraction=fraction, class_seed=1)
+    ffcv_cfg = _cfg(raw_beton, val=str(raw_beton), **data)
+    torch_cfg = _cfg(photo_root / "train", val=str(photo_root / "train"), **data)
+    torch_cfg.data.pipeline, torch_cfg.data.workers = "torch", 0
+    want_classes = sorted({sup[c] for c in load_samples(replace(torch_cfg.data, label_map=None),
+                                                         torch_cfg.data.train)[1]})
+    loaders = [build_train_loader(c, spec, rank=0, world_size=1, device="cpu") for c in (ffcv_cfg, torch_cfg)]
+    for loader in loaders:
+        assert loader.classes == want_classes and loader.num_classes == len(want_classes)
+        loader.set_epoch(1)
+    ffcv_labels, torch_labels = ([y.tolist() for _, y in loader] for loader in loaders)
+    assert ffcv_labels == torch_labels and len(ffcv_labels) == loaders[1].steps_per_epoch > 0
+    assert len({y for batch in ffcv_labels for y in batch}) > 1  # merged, not collapsed to one class
+    evals = [build_eval_loader(c, c.data.val, batch_size=7) for c in (ffcv_cfg, torch_cfg)]
+    assert evals[0].classes == evals[1].classes == want_classes
+    assert [y.tolist() for _, y in evals[0]] == [y.tolist() for _, y in evals[1]]
+
+
+def test_label_map_without_every_class_says_what_to_add(raw_beton, tmp_path):
+    part = tmp_path / "part.tsv"
+    part.write_text("000_astronaut\tspace\n")
+    with pytest.raises(DataError, match=r"^data.label_map: .*part.tsv has no line for 9 of the 10 classes"):
+        F.train_loader(_cfg(raw_beton, label_map=str(part)), SPEC, rank=0, world_size=1, device="cpu")
+
+
 def test_class_names_fall_back_to_numbers_without_a_manifest(raw_beton, tmp_path):
     bare = tmp_path / "bare.beton"
     bare.symlink_to(raw_beton)
