@@ -11,7 +11,9 @@ converted version of the same corpus. Paths:
                   (aug.on_device: true; on a CPU-only machine the "device" is the CPU)
   opencv_device   aug.engine: opencv for decode/crop/flip + aug.on_device
   dali            data.pipeline: dali (CPU ops here, GPU ops with CUDA)
-  ffcv_device     data.pipeline: ffcv (+ the on-device augmentation)
+  ffcv_opencv     data.pipeline: ffcv, colour ops by the loader's OpenCV stage (the default on a CPU)
+  ffcv_device     data.pipeline: ffcv + aug.on_device: the on-device module finishes the uint8 views
+                  (the default with CUDA)
 
 Per-core figures: every path runs with ONE loader thread/process doing the work (`data.workers`: 0 for
 the torch paths = in the measuring process; 1 thread for DALI and FFCV) and torch pinned to one
@@ -39,7 +41,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_PATHS = ("torch_pil", "torch_opencv", "torch_device", "opencv_device", "dali", "ffcv_device")
+ALL_PATHS = ("torch_pil", "torch_opencv", "torch_device", "opencv_device", "dali", "ffcv_opencv",
+             "ffcv_device")
 FULL = dict(images=1000, crop=224, batch=32, steps=8, warmup=2, repeats=3)
 QUICK = dict(images=120, crop=64, batch=8, steps=2, warmup=1, repeats=2)
 
@@ -76,7 +79,7 @@ def environment() -> dict:
 def path_config(path: str, train: str, args) -> dict:
     """The config (as a raw dict for fastairl.config.build_config) of one benchmark path."""
     one = {"torch": 0, "dali": 1, "ffcv": 1}  # one worker doing the work (0 = in this process)
-    pipeline = {"dali": "dali", "ffcv_device": "ffcv"}.get(path, "torch")
+    pipeline = {"dali": "dali", "ffcv_opencv": "ffcv", "ffcv_device": "ffcv"}.get(path, "torch")
     aug = {"preset": "byol_sym", "crop_size": args.crop,
            "engine": "opencv" if path in ("torch_opencv", "opencv_device") else "pil",
            "on_device": path in ("torch_device", "opencv_device", "ffcv_device")}
@@ -127,14 +130,16 @@ def build_path(path: str, train: Path, device: torch.device, args):
     """(loader, description) of one path, built through the seam as the trainer builds it."""
     from fastairl.config import build_config
     from fastairl.data.augment import spec_from_config
+    from fastairl.data.device_aug import DeviceAugLoader
     from fastairl.pipelines import build_train_loader
 
-    source = beton_for(train, args) if path == "ffcv_device" else str(train)
+    source = beton_for(train, args) if path.startswith("ffcv") else str(train)
     cfg = build_config(path_config(path, source, args))
     t0 = time.perf_counter()
     loader = build_train_loader(cfg, spec_from_config(cfg.aug), rank=0, world_size=1, device=device)
+    colour_ops = "on-device module" if isinstance(loader, DeviceAugLoader) else "loader"
     return loader, {"build_s": time.perf_counter() - t0, "workers": cfg.data.workers, "engine": cfg.aug.engine,
-                    "on_device": cfg.aug.on_device, "pipeline": cfg.data.pipeline}
+                    "on_device": cfg.aug.on_device, "pipeline": cfg.data.pipeline, "colour_ops": colour_ops}
 
 
 def table(report: dict) -> str:

@@ -6,7 +6,7 @@ Train: every image is decoded ONCE and all V views are cut from that decode. FFC
 Here the pipeline is
 
     image: DecodeOnce (numba, in FFCV's jitted stage) -> CropFlipViews (per batch: draw the crop boxes
-           and flips, then one parallel numba kernel resamples every view)
+           and flips, then one parallel numba kernel resamples every view) [-> FinishViews]
     label: IntDecoder -> ToTensor
 
 The crop boxes follow `fastairl.data.augment.sample_crop`'s rule (torchvision's RandomResizedCrop)
@@ -16,9 +16,15 @@ stream from the torch reference's numpy one (same distribution, tested; not the 
 through numpy Generators cost ~0.15-0.3 ms per image in FFCV's single Python stage, a serial
 bottleneck next to ~1.5 ms of decode spread over the decode threads. The resampler is PIL's BILINEAR
 filter (triangle, widened when shrinking: torchvision's `antialias=True`), crop-then-resize like
-`TF.resized_crop`, within one uint8 level of it. The loader yields uint8 views (`uint8_views = True`);
-the seam wraps it in `fastairl.data.device_aug.DeviceAugLoader` for jitter, grayscale, blur, solarise
-and normalise.
+`TF.resized_crop`, within one uint8 level of it.
+
+The rest of the AugmentSpec (jitter, grayscale, blur, solarise, normalise) runs where it is fastest
+(`finishes_on_cpu`): with a CUDA device the loader yields uint8 views (`uint8_views = True`) and the
+seam wraps it in `fastairl.data.device_aug.DeviceAugLoader` on the GPU; on a CPU device FinishViews
+applies the OpenCV engine's uint8 ops (`cv_aug.finish_view`) per sample in the loader's thread, with
+draws (`draw_colors`) from sample_color's distributions keyed by (seed, epoch, index, view) like the
+crops. On the CPU the on-device module is ~15x slower per view than these ops; `aug.on_device: true`
+still selects it.
 
 Order: the torch reference's (`torch_ref.EpochBatchSampler`): a permutation seeded by (seed, epoch),
 cut into global batches of `train.batch_size`, the last partial one dropped, each rank taking its
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +62,8 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from fastairl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, spec_from_config
+from fastairl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ColorParams, spec_from_config
+from fastairl.data.cv_aug import cv2, finish_view
 from fastairl.data.datasets import DataError, select_classes
 from fastairl.data.taxonomy import label_map_remap
 from fastairl.pipelines.convert import manifest_path
@@ -219,6 +227,77 @@ def view_geometry(spec: AugmentSpec) -> np.ndarray:
                      for v in spec.views], np.float64)
 
 
+# ------------------------------------------------------------------------ numba colour sampler
+# Columns of a colour draw (one view of one sample): sample_color's ColorParams, flip aside (drawn with
+# the crop). Each view's draws come from a stream of their own, keyed by (seed, epoch, index,
+# COLOR_STREAM + view), so they are independent of the crop draws and, like them, a pure function of
+# the sample: resume is exact and neither the batch, the rank nor the thread matters.
+JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA, SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
+COLOR_STREAM = 1 << 32
+
+
+@numba.njit(cache=True, nogil=True)
+def draw_colors(seed, epoch, indices, ranges):
+    """N x V x 13 float64 colour draws (the columns JITTER..SOLARIZE; ORDER holds a permutation of
+    0..3 in 4 columns) with sample_color's distributions; ranges[v] = jitter_p, brightness lo, hi,
+    contrast lo, hi, saturation lo, hi, hue lo, hi, gray_p, blur_p, sigma lo, hi, solarize_p."""
+    out = np.zeros((len(indices), ranges.shape[0], 13), np.float64)
+    state = np.zeros(1, np.uint64)
+    order = np.zeros(4, np.int64)
+    for i in range(len(indices)):
+        for v in range(ranges.shape[0]):
+            r, d = ranges[v], out[i, v]
+            state[0] = _key(seed, epoch, indices[i], COLOR_STREAM + v)
+            d[JITTER] = _uniform(state) < r[0]
+            for k in range(4):
+                order[k] = k
+            for k in range(3, 0, -1):  # Fisher-Yates: every order of the four jitter ops equally likely
+                j = int(_uniform(state) * (k + 1))
+                order[k], order[j] = order[j], order[k]
+            d[ORDER: ORDER + 4] = order
+            for k in range(4):  # brightness, contrast, saturation factors, hue shift
+                d[BRIGHTNESS + k] = r[1 + 2 * k] + (r[2 + 2 * k] - r[1 + 2 * k]) * _uniform(state)
+            d[GRAY] = _uniform(state) < r[9]
+            d[BLUR] = _uniform(state) < r[10]
+            d[SIGMA] = r[11] + (r[12] - r[11]) * _uniform(state)
+            d[SOLARIZE] = _uniform(state) < r[13]
+    return out
+
+
+def color_ranges(spec: AugmentSpec) -> np.ndarray:
+    """V x 14 float64: the parameter ranges of draw_colors, as sample_color reads them from each view."""
+    return np.array([[v.jitter_p, max(0.0, 1 - v.brightness), 1 + v.brightness, max(0.0, 1 - v.contrast),
+                      1 + v.contrast, max(0.0, 1 - v.saturation), 1 + v.saturation, -v.hue, v.hue,
+                      v.gray_p, v.blur_p, *v.blur_sigma, v.solarize_p] for v in spec.views], np.float64)
+
+
+def color_params(d: np.ndarray) -> ColorParams:
+    """One row of draw_colors as the ColorParams that cv_aug.finish_view reads (flip: done by the crop)."""
+    d = d.tolist()
+    return ColorParams(flip=False, jitter=bool(d[JITTER]), order=tuple(int(k) for k in d[ORDER: ORDER + 4]),
+                       brightness=d[BRIGHTNESS], contrast=d[CONTRAST], saturation=d[SATURATION],
+                       hue=d[HUE], gray=bool(d[GRAY]), blur=bool(d[BLUR]), sigma=d[SIGMA],
+                       solarize=bool(d[SOLARIZE]))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def normalize_batch(views, tables, out):
+    """out[v, i, c] (S x S float32) <- tables[v, c][views[v, i, :, :, c]]: uint8 V x N x S x S x 3 in,
+    V x N x 3 x S x S out; tables hold (x - mean) / std per view and channel (cv_aug's lookup)."""
+    for i in numba.prange(views.shape[1]):
+        for v in range(views.shape[0]):
+            for y in range(views.shape[2]):
+                for x in range(views.shape[3]):
+                    for c in range(3):
+                        out[v, i, c, y, x] = tables[v, c, views[v, i, y, x, c]]
+
+
+def normalize_tables(spec: AugmentSpec) -> np.ndarray:
+    """V x 3 x 256 float32: (level - 255·mean) / (255·std), computed as the OpenCV engine computes it."""
+    return np.stack([((np.arange(256)[:, None] - np.array(v.mean) * 255) / (np.array(v.std) * 255))
+                     .astype(np.float32).T for v in spec.views])
+
+
 # ---------------------------------------------------------------------------- FFCV operations
 class DecodeOnce(SimpleRGBImageDecoder):
     """Decoder for RGBImageField: each image decoded (or copied, raw mode) whole, once, into a
@@ -259,18 +338,20 @@ class DecodeOnce(SimpleRGBImageDecoder):
 
 class _ResampleStage(Operation):
     """Python stage after DecodeOnce: builds the per-sample parameters of the batch (`params`), then
-    runs `resample_batch` (parallel, GIL released) into a fresh V x N x 3 x S x S array, so a yielded
-    batch is never overwritten by a later one."""
+    runs `resample_batch` (parallel, GIL released) into a fresh V x N x 3 x S x S array (V x N x S x S
+    x 3 with `channels_last`, the layout OpenCV works on), so a yielded batch is never overwritten by a
+    later one."""
 
-    def __init__(self, num_views: int, size: int):
+    def __init__(self, num_views: int, size: int, channels_last: bool = False):
         super().__init__()
-        self.num_views, self.size = num_views, size
+        self.num_views, self.size, self.channels_last = num_views, size, channels_last
 
     def params(self, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def declare_state_and_memory(self, previous_state: State):
-        shape = (self.num_views, 3, self.size, self.size)
+        s = self.size
+        shape = (self.num_views, s, s, 3) if self.channels_last else (self.num_views, 3, s, s)
         return replace(previous_state, jit_mode=False, shape=shape, dtype=np.dtype("u1")), None
 
     def generate_code(self):
@@ -278,8 +359,13 @@ class _ResampleStage(Operation):
             heights = self.metadata["height"][indices].astype(np.int64)
             widths = self.metadata["width"][indices].astype(np.int64)
             params = self.params(indices, heights, widths)  # N x V x 9
-            out = np.empty((self.num_views, len(indices), 3, self.size, self.size), np.uint8)
-            resample_batch(images, heights, widths, params, out)
+            s = self.size
+            if self.channels_last:  # the kernel writes channel planes: hand it the transposed view
+                out = np.empty((self.num_views, len(indices), s, s, 3), np.uint8)
+                resample_batch(images, heights, widths, params, out.transpose(0, 1, 4, 2, 3))
+            else:
+                out = np.empty((self.num_views, len(indices), 3, s, s), np.uint8)
+                resample_batch(images, heights, widths, params, out)
             return out
 
         resample.with_indices = True
@@ -290,11 +376,11 @@ class CropFlipViews(_ResampleStage):
     """The random resized crop and flip of every view (`draw_crops`, keyed by seed, epoch, index,
     view). `epoch` is read when a batch is made: set it before the epoch's iterator starts."""
 
-    def __init__(self, spec: AugmentSpec, seed: int):
+    def __init__(self, spec: AugmentSpec, seed: int, channels_last: bool = False):
         sizes = {v.crop_size for v in spec.views}
         if len(sizes) != 1:
             raise ValueError(f"the FFCV loader needs one crop size for all views, got {sorted(sizes)}")
-        super().__init__(spec.num_views, sizes.pop())
+        super().__init__(spec.num_views, sizes.pop(), channels_last)
         self.geometry = view_geometry(spec)
         self.seed, self.epoch = seed % 2**64, 0
 
@@ -324,6 +410,57 @@ class CentreCrop(_ResampleStage):
         p[:, 0, WIN_Y] = np.round((out_h - s) / 2.0)  # TF.center_crop: int(round((h - s) / 2))
         p[:, 0, WIN_X] = np.round((out_w - s) / 2.0)
         return p
+
+
+class FinishViews(Operation):
+    """The rest of the AugmentSpec on the CPU, in the loader's thread: V x N x S x S x 3 uint8 crops
+    (CropFlipViews with channels_last) -> V x N x 3 x S x S float32, jittered, grey, blurred, solarised
+    (cv_aug.finish_view: uint8 OpenCV ops and lookup tables, as `aug.engine: opencv`) and normalised.
+
+    The draws (`draw_colors`) are keyed by (seed, epoch, index, view) like the crops; `epoch` is read
+    when a batch is made. OpenCV releases the GIL, so `workers` threads split the batch's samples.
+    FFCV's numba stages cannot call OpenCV, hence a Python stage: it runs in FFCV's epoch thread,
+    `batches_ahead` of the consumer, not in the training loop."""
+
+    def __init__(self, spec: AugmentSpec, seed: int, workers: int = 1):
+        super().__init__()
+        self.spec, self.seed, self.epoch = spec, seed % 2**64, 0
+        self.size = spec.views[0].crop_size
+        self.ranges, self.tables = color_ranges(spec), normalize_tables(spec)
+        self.workers = max(1, workers)
+        self._pool: Optional[ThreadPoolExecutor] = None
+        cv2()  # fail now with the install line, not inside the epoch thread
+
+    def declare_state_and_memory(self, previous_state: State):
+        shape = (self.spec.num_views, 3, self.size, self.size)
+        return replace(previous_state, jit_mode=False, shape=shape, dtype=np.dtype("f4")), None
+
+    def finish(self, views: np.ndarray, draws: np.ndarray, samples: range) -> None:
+        """views[v, i] <- finish_view of it with draws[i, v], in place, for the samples i given."""
+        for i in samples:
+            for v, view in enumerate(self.spec.views):
+                x = views[v, i]
+                y = finish_view(x, color_params(draws[i, v]), view)
+                if y is not x:
+                    x[...] = y
+
+    def generate_code(self):
+        def finish(views, _unused, indices):  # views: V x N x S x S x 3 uint8, this batch's own array
+            draws = draw_colors(self.seed, self.epoch, indices, self.ranges)  # N x V x 13
+            n = len(indices)
+            if self.workers == 1 or n < 2:
+                self.finish(views, draws, range(n))
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ffcv-finish")
+                chunks = np.array_split(np.arange(n), min(self.workers, n))
+                list(self._pool.map(lambda c: self.finish(views, draws, range(c[0], c[-1] + 1)), chunks))
+            out = np.empty((views.shape[0], n, 3, self.size, self.size), np.float32)
+            normalize_batch(views, self.tables, out)
+            return out
+
+        finish.with_indices = True
+        return finish
 
 
 class EpochOrder(TraversalOrder):
@@ -474,31 +611,35 @@ def _labels(batch: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
 
 
 class FFCVTrainLoader:
-    """The seam's train loader over a .beton: yields (views: list of V uint8 N x 3 x S x S, labels: N
-    int64) on the CPU; `uint8_views = True` (the seam adds the rest of the AugmentSpec).
+    """The seam's train loader over a .beton: yields (views: list of V N x 3 x S x S, labels: N int64)
+    on the CPU. With `finish` the views are fully augmented float32 (FinishViews, OpenCV on the CPU);
+    without, uint8 crops and `uint8_views = True` (the seam adds the rest of the AugmentSpec on the
+    training device).
 
     Resume is exact mid-epoch: `set_epoch(epoch, start_step)` starts this epoch's order (and the crop
-    draws, a function of (seed, epoch, index)) at batch `start_step`, nothing is decoded for the
-    skipped batches. `workers` numba threads decode and crop; `batches_ahead` batches are prepared
+    and colour draws, a function of (seed, epoch, index)) at batch `start_step`, nothing is decoded for
+    the skipped batches. `workers` threads decode, crop and finish; `batches_ahead` batches are prepared
     ahead (each slot holds its batch's decoded images, N x largest H*W*3 bytes)."""
 
-    uint8_views = True
-
     def __init__(self, data: BetonFile, spec: AugmentSpec, global_batch: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, workers: int = 1, batches_ahead: int = 2):
+                 world_size: int = 1, seed: int = 0, workers: int = 1, batches_ahead: int = 2,
+                 finish: bool = False):
         self.data, self.spec = data, spec
         self.classes = data.classes
         self.num_classes = len(self.classes)
         self.batches = EpochBatchSampler(len(data.indices), global_batch, rank, world_size, seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
-        self.crop = CropFlipViews(spec, seed)
+        self.uint8_views = not finish
+        self.crop = CropFlipViews(spec, seed, channels_last=finish)
+        self.finish = FinishViews(spec, seed, _threads(workers)) if finish else None
+        image = [DecodeOnce(), self.crop] + ([self.finish] if finish else [])
         self._running = None  # the FFCV epoch iterator in flight
         with _torch_threads_kept():
             self.loader = _Loader(
                 str(data.path), batch_size=self.batches.per_batch, num_workers=_threads(workers),
                 order=EpochOrder(self.batches), distributed=world_size > 1, seed=seed,
                 indices=data.indices, drop_last=True, batches_ahead=batches_ahead,
-                pipelines={"image": [DecodeOnce(), self.crop], "label": [IntDecoder(), ToTensor()]})
+                pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.batches.set_epoch(epoch, start_step)
@@ -509,10 +650,12 @@ class FFCVTrainLoader:
     def __iter__(self):
         self._stop()
         self.crop.epoch = self.loader.next_epoch = self.batches.epoch
+        if self.finish is not None:
+            self.finish.epoch = self.batches.epoch
         with _torch_threads_kept():
             self._running = iter(self.loader)
         try:
-            for views, labels in self._running:  # views: V x N x 3 x S x S uint8
+            for views, labels in self._running:  # views: V x N x 3 x S x S, uint8 or finished float32
                 yield list(torch.from_numpy(views).unbind(0)), _labels(labels, self.data.label_map)
         finally:  # also when the consumer drops the epoch half way
             self._stop()
@@ -564,11 +707,18 @@ class FFCVEvalLoader:
 
 
 # ------------------------------------------------------------------------- the seam's entry points
+def finishes_on_cpu(cfg, device) -> bool:
+    """Where the colour ops run: on a CUDA device the on-device module (the seam wraps the uint8
+    views); on a CPU the loader's OpenCV stage (FinishViews), measured ~15x faster there than the
+    on-device module run on the CPU, unless `aug.on_device: true` asks for the module."""
+    return torch.device(device).type == "cpu" and not cfg.aug.on_device
+
+
 def train_loader(cfg, spec: AugmentSpec, *, rank: int, world_size: int, device) -> FFCVTrainLoader:
     data = BetonFile(cfg.data.train, "data.train", cfg.data.class_fraction, cfg.data.class_seed,
                      cfg.data.label_map)
     return FFCVTrainLoader(data, spec, cfg.train.batch_size, rank, world_size, cfg.train.seed,
-                           cfg.data.workers)
+                           cfg.data.workers, finish=finishes_on_cpu(cfg, device))
 
 
 def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, batch_size: int = 256,

@@ -23,7 +23,9 @@ from torchvision.transforms import InterpolationMode
 pytest.importorskip("ffcv")
 
 from fastairl.config import Config  # noqa: E402
-from fastairl.data.augment import AugmentSpec, make_spec, sample_crop  # noqa: E402
+from fastairl.data.augment import AugmentSpec, ViewSpec, make_spec, sample_color, sample_crop  # noqa: E402
+from fastairl.data.cv_aug import finish_view  # noqa: E402
+from fastairl.data.device_aug import DeviceAugLoader  # noqa: E402
 from fastairl.data.datasets import DataError, load_samples, scan_folder  # noqa: E402
 from fastairl.pipelines import build_eval_loader, build_train_loader  # noqa: E402
 from fastairl.pipelines import ffcv_loader as F  # noqa: E402
@@ -111,6 +113,17 @@ def loader(raw_beton):
     return F.FFCVTrainLoader(F.BetonFile(raw_beton, "data.train"), SPEC, GLOBAL_BATCH, seed=3, workers=2)
 
 
+@pytest.fixture(scope="module")
+def finishing(raw_beton):
+    """The same loader with the CPU colour stage (FinishViews), 2 threads: fully augmented views."""
+    return F.FFCVTrainLoader(F.BetonFile(raw_beton, "data.train"), SPEC, GLOBAL_BATCH, seed=3, workers=2,
+                             finish=True)
+
+
+def _binomial_ok(count: int, n: int, p: float) -> bool:
+    return abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1
+
+
 # ------------------------------------------------------------------------- the numba pieces alone
 def test_resampler_matches_torchvision_resized_crop(photos):
     """Random boxes from 3 px to the whole image (up- and down-scaling), flipped or not, and a resize
@@ -172,6 +185,66 @@ def test_flip_rate_and_draws_are_keyed_by_seed_epoch_index():
         assert (q[:, 0, :4] != p[:, 0, :4]).any(axis=1).mean() > 0.99
 
 
+def test_color_draws_follow_sample_color():
+    """draw_colors (numba, counter-based) against the shared numpy sampler: coin rates, the factor
+    and sigma distributions (KS), every jitter order equally likely; keyed by (seed, epoch, index)."""
+    from scipy.stats import ks_2samp
+
+    n = 20000
+    for v in (SPEC.views[0], make_spec("mocov2").views[0]):
+        d = F.draw_colors(0, 0, np.arange(n, dtype=np.uint64), F.color_ranges(AugmentSpec(views=(v,))))[:, 0]
+        rng = np.random.default_rng(1)
+        ref = [sample_color(rng, v) for _ in range(n)]
+        for col, name in ((F.BRIGHTNESS, "brightness"), (F.CONTRAST, "contrast"), (F.SATURATION, "saturation"),
+                          (F.HUE, "hue"), (F.SIGMA, "sigma")):
+            assert ks_2samp(d[:, col], [getattr(c, name) for c in ref], method="asymp").pvalue > 1e-3, name
+        for col, rate in ((F.JITTER, v.jitter_p), (F.GRAY, v.gray_p), (F.BLUR, v.blur_p), (F.SOLARIZE, v.solarize_p)):
+            assert _binomial_ok(int(d[:, col].sum()), n, rate), (col, d[:, col].mean(), rate)
+        orders = {tuple(o) for o in d[:, F.ORDER: F.ORDER + 4].astype(int)}
+        assert all(sorted(o) == [0, 1, 2, 3] for o in orders) and len(orders) == 24
+        counts = np.unique(d[:, F.ORDER: F.ORDER + 4], axis=0, return_counts=True)[1]
+        assert _binomial_ok(int(counts.min()), n, 1 / 24) and _binomial_ok(int(counts.max()), n, 1 / 24)
+    idx = np.arange(4000, dtype=np.uint64)
+    ranges = F.color_ranges(SPEC)
+    d = F.draw_colors(5, 2, idx, ranges)
+    assert np.array_equal(F.draw_colors(5, 2, idx[::-1].copy(), ranges)[::-1], d)  # a function of the index
+    assert not np.array_equal(d[:, 0], d[:, 1])  # the views draw independently
+    factors = slice(F.BRIGHTNESS, F.HUE + 1)
+    for other in ((6, 2), (5, 3)):
+        assert (F.draw_colors(*other, idx, ranges)[:, :, factors] != d[:, :, factors]).all()
+    crops = F.draw_crops(5, 2, idx, np.full(4000, 375), np.full(4000, 500), F.view_geometry(SPEC), S)
+    both = crops[:, 0, F.FLIP] + 2 * d[:, 0, F.GRAY]  # the colour stream is not the crop stream
+    assert _binomial_ok(int((both == 3).sum()), 4000, SPEC.views[0].flip_p * SPEC.views[0].gray_p)
+
+
+@pytest.mark.parametrize("what", ["gray", "solarize", "jitter"])
+def test_color_stage_rates_measured_from_pixels(photos, what):
+    """The CPU colour stage alone (FFCV's FinishViews) on 1,200 real-photo crops, one op with its
+    probability: whether it fired is read from the output pixels."""
+    ps = {"gray": 0.2, "solarize": 0.2, "jitter": 0.8}
+    v = ViewSpec(crop_size=16, flip_p=0, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0)
+    v = replace(v, **{f"{what}_p": ps[what]})
+    rng = np.random.default_rng(0)
+    images = [np.asarray(_rgb(path)) for path, _ in photos[0]]
+    crops = []
+    while len(crops) < 1200:
+        a = images[len(crops) % len(images)]
+        y, x = int(rng.integers(0, a.shape[0] - 16)), int(rng.integers(0, a.shape[1] - 16))
+        c = a[y: y + 16, x: x + 16]
+        if (c.max() >= 128 or what != "solarize") and not (c[..., 0] == c[..., 1]).all():
+            crops.append(c)  # solarising a crop with no pixel >= 128 would change nothing
+    views = np.stack(crops)[None].copy()  # 1 x N x 16 x 16 x 3 uint8
+    stage = F.FinishViews(AugmentSpec(views=(v,)), seed=7, workers=2)
+    out = stage.generate_code()(views.copy(), None, np.arange(len(crops), dtype=np.uint64))[0]  # Nx3x16x16
+    mean, std = np.array(v.mean)[:, None, None] * 255, np.array(v.std)[:, None, None] * 255
+    plain = ((views[0].transpose(0, 3, 1, 2) - mean) / std).astype(np.float32)
+    if what == "gray":
+        fired = (np.abs(out * std + mean - (out * std + mean)[:, :1]).max(axis=(1, 2, 3)) < 1e-3)
+    else:
+        fired = np.abs(out - plain).max(axis=(1, 2, 3)) > 1e-4
+    assert _binomial_ok(int(fired.sum()), len(crops), ps[what]), (what, int(fired.sum()), len(crops) * ps[what])
+
+
 # ------------------------------------------------------------------------------- the train loader
 def test_views_are_torchvision_crops_of_one_image_in_the_torch_order(loader, photos):
     """Every view is the torch reference's crop+flip of its own sample (same order as
@@ -198,6 +271,33 @@ def test_views_are_torchvision_crops_of_one_image_in_the_torch_order(loader, pho
                 assert (x[j].int() - ref.int()).abs().max() <= 1
         assert (params[:, 0, :4] != params[:, 1, :4]).any(axis=1).all()
         assert not torch.equal(views[0], views[1])
+
+
+def test_color_stage_is_finish_view_of_each_crop(loader, finishing, photos):
+    """The finishing loader's views are, sample by sample and bit for bit, cv_aug.finish_view (the
+    OpenCV engine's colour ops) of the uint8 loader's crops with that sample's draw_colors, then the
+    OpenCV engine's normalisation lookup."""
+    samples, _ = photos
+    assert finishing.uint8_views is False and loader.uint8_views is True
+    loader.set_epoch(1)
+    finishing.set_epoch(1)
+    sampler = EpochBatchSampler(len(samples), GLOBAL_BATCH, seed=3)
+    sampler.set_epoch(1)
+    tables = F.normalize_tables(SPEC)
+    fired = np.zeros(4)
+    for (crops, labels), (views, flabels), keys in zip(loader, finishing, sampler):
+        assert torch.equal(labels, flabels)
+        index = np.array([i for _, i in keys], np.uint64)
+        draws = F.draw_colors(3, 1, index, F.color_ranges(SPEC))
+        fired += draws[:, :, [F.JITTER, F.GRAY, F.BLUR, F.SOLARIZE]].sum(axis=(0, 1))
+        for k, (x, v) in enumerate(zip(views, SPEC.views)):
+            assert x.shape == (GLOBAL_BATCH, 3, S, S) and x.dtype == torch.float32 and x.is_contiguous()
+            for j in range(GLOBAL_BATCH):
+                hwc = np.ascontiguousarray(crops[k][j].permute(1, 2, 0).numpy())
+                y = finish_view(hwc, F.color_params(draws[j, k]), v)
+                want = np.stack([tables[k, c][y[..., c]] for c in range(3)])  # 3xSxS
+                assert np.array_equal(x[j].numpy(), want), (k, j, draws[j, k])
+    assert (fired > 0).all()  # every op ran on some sample
 
 
 def test_jpg_file_decodes_close_to_pil(jpg_beton, photos):
@@ -252,6 +352,25 @@ def test_same_seed_reproduces_and_resume_continues_mid_epoch(loader, raw_beton):
     assert _same(_epoch(fresh), first[1:])  # a new process resumes exactly
     with pytest.raises(ValueError, match="outside the epoch"):
         loader.set_epoch(0, start_step=4)
+
+
+def test_color_stage_resumes_mid_epoch_and_ignores_threads_and_ranks(finishing, raw_beton):
+    """Finished views are a function of (seed, epoch, index): a resumed epoch, a fresh process with
+    another thread count and rank 1 of 2 all reproduce the uninterrupted single-process batches."""
+    finishing.set_epoch(4)
+    first = _epoch(finishing)
+    finishing.set_epoch(4, start_step=1)
+    assert _same(_epoch(finishing), first[1:])
+    data = F.BetonFile(raw_beton, "data.train")
+    fresh = F.FFCVTrainLoader(data, SPEC, GLOBAL_BATCH, seed=3, workers=1, finish=True)
+    fresh.set_epoch(4, start_step=2)
+    assert _same(_epoch(fresh), first[2:])
+    half = F.FFCVTrainLoader(data, SPEC, GLOBAL_BATCH, rank=1, world_size=2, seed=3, workers=1, finish=True)
+    half.set_epoch(4)
+    h = GLOBAL_BATCH // 2
+    assert _same(_epoch(half), [([v[h:] for v in views], y[h:]) for views, y in first])
+    finishing.set_epoch(5)
+    assert not torch.equal(_epoch(finishing)[0][0][0], first[0][0][0])
 
 
 def test_an_error_in_the_loader_thread_reaches_the_consumer(loader, monkeypatch):
@@ -345,14 +464,40 @@ def test_class_names_fall_back_to_numbers_without_a_manifest(raw_beton, tmp_path
 
 
 # ------------------------------------------------------------------------------ the seam and errors
-def test_seam_wraps_the_loader_in_device_augmentation(raw_beton):
+def test_seam_finishes_on_the_cpu_and_leaves_cuda_to_the_device_module(raw_beton):
+    """On a CPU device the loader's OpenCV stage finishes the views (measured faster there); with
+    aug.on_device or on a CUDA device the seam wraps the uint8 views in the on-device module."""
     cfg = _cfg(raw_beton)
-    loader = build_train_loader(cfg, SPEC, rank=0, world_size=1, device="cpu")
-    assert isinstance(loader.loader, F.FFCVTrainLoader) and loader.steps_per_epoch == 3
-    loader.set_epoch(0)
-    views, labels = next(iter(loader))
-    assert [tuple(v.shape) for v in views] == [(GLOBAL_BATCH, 3, S, S)] * 2
-    assert all(v.dtype == torch.float32 for v in views) and labels.shape == (GLOBAL_BATCH,)
+    assert F.finishes_on_cpu(cfg, "cpu") and not F.finishes_on_cpu(cfg, torch.device("cuda", 0))
+    plain = build_train_loader(cfg, SPEC, rank=0, world_size=1, device="cpu")
+    cfg.aug.on_device = True
+    assert not F.finishes_on_cpu(cfg, "cpu")
+    wrapped = build_train_loader(cfg, SPEC, rank=0, world_size=1, device="cpu")
+    assert isinstance(plain, F.FFCVTrainLoader) and plain.finish is not None and not plain.uint8_views
+    assert isinstance(wrapped, DeviceAugLoader) and isinstance(wrapped.loader, F.FFCVTrainLoader)
+    assert wrapped.loader.uint8_views and wrapped.loader.finish is None
+    for loader in (plain, wrapped):
+        assert loader.steps_per_epoch == 3
+        loader.set_epoch(0)
+        views, labels = next(iter(loader))
+        assert [tuple(v.shape) for v in views] == [(GLOBAL_BATCH, 3, S, S)] * 2
+        assert all(v.dtype == torch.float32 for v in views) and labels.shape == (GLOBAL_BATCH,)
+
+
+def test_both_colour_paths_agree_without_colour_ops(raw_beton):
+    """crop_flip (no colour op): the CPU stage and the on-device module see the same crops and
+    normalise them alike (same layout, channel order and statistics), up to float rounding."""
+    spec = make_spec("crop_flip", crop_size=S)
+    cfg = _cfg(raw_beton)
+    cfg.aug.preset = "crop_flip"
+    cpu = build_train_loader(cfg, spec, rank=0, world_size=1, device="cpu")
+    cfg.aug.on_device = True
+    dev = build_train_loader(cfg, spec, rank=0, world_size=1, device="cpu")
+    for loader in (cpu, dev):
+        loader.set_epoch(2)
+    for (a, ya), (b, yb) in zip(cpu, dev):
+        assert torch.equal(ya, yb)
+        assert all((x - y).abs().max() < 1e-5 for x, y in zip(a, b))
 
 
 def test_bad_paths_say_to_convert(tmp_path, photo_root, raw_beton):
