@@ -23,7 +23,7 @@ The rest of the AugmentSpec (jitter, grayscale, blur, solarise, normalise) runs 
 seam wraps it in `fastairl.data.device_aug.DeviceAugLoader` on the GPU; on a CPU device FinishViews
 applies the OpenCV engine's uint8 ops (`cv_aug.finish_view`) per sample in the loader's thread, with
 draws (`draw_colors`) from sample_color's distributions keyed by (seed, epoch, index, view) like the
-crops. On the CPU the on-device module is ~15x slower per view than these ops; `aug.on_device: true`
+crops. On the CPU the on-device module is ~10x slower per view than these ops; `aug.on_device: true`
 still selects it.
 
 Order: the torch reference's (`torch_ref.EpochBatchSampler`): a permutation seeded by (seed, epoch),
@@ -709,7 +709,7 @@ class FFCVEvalLoader:
 # ------------------------------------------------------------------------- the seam's entry points
 def finishes_on_cpu(cfg, device) -> bool:
     """Where the colour ops run: on a CUDA device the on-device module (the seam wraps the uint8
-    views); on a CPU the loader's OpenCV stage (FinishViews), measured ~15x faster there than the
+    views); on a CPU the loader's OpenCV stage (FinishViews), measured ~10x faster there than the
     on-device module run on the CPU, unless `aug.on_device: true` asks for the module."""
     return torch.device(device).type == "cpu" and not cfg.aug.on_device
 
