@@ -18,25 +18,30 @@ fixed value (half the range) where torchvision uses the image's mean grey level,
   (within 1 level of torchvision); solarisation maps x >= threshold to 255 - x on uint8 (bit-exact).
 - The horizontal flip is applied last, inside `crop_mirror_normalize`: every op after it is pointwise
   or a symmetric kernel with symmetric borders, so this is the same image as flipping after the crop.
-- The crop is DALI's random-resized-crop: area ~ U(scale)·HW, log-aspect ~ U(log ratio), 10 tries,
-  bilinear with antialiasing (PIL's filter: 0.2 level mean difference for the same box). Two
-  differences from torchvision, both in the fallback after 10 failed tries (probability ~1e-6 for
-  ImageNet-like images at scale (0.08, 1)): DALI also rejects boxes whose rounded aspect leaves the
-  range, and places the fallback box at a random position instead of the centre.
+- The crop box is sample_crop's rule (torchvision's RandomResizedCrop: area ~ U(scale)·HW, log-aspect
+  ~ U(log ratio), 10 tries, then the whole image narrowed to the ratio range, centred), computed in the
+  graph from the image's header shape (`crop_window`), box for box the FFCV backend's for the same
+  draws; the resize of that box is bilinear with antialiasing (PIL's filter: 0.2 level mean difference
+  for the same box).
 - JPEG decoding on CPU is libjpeg-turbo, as PIL's (identical pixels); nvJPEG on a GPU differs slightly.
 Per-sample probabilities use DALI conditionals (`enable_conditionals=True`): an op only runs on the
 samples whose coin came up, and an op whose probability is 0 is not in the graph at all.
 
-Sample order and sharding: each epoch the reader gets an explicit file list, the torch reference's
-order (`EpochBatchSampler`: one permutation of (seed, epoch), cut into global batches, rank r taking
-its slice of every batch), laid out rank after rank so that DALI's `shard_id`/`num_shards` split gives
-each process exactly its slices. Every rank therefore sees the same number of steps,
+Random draws: the graph has no random operator. Every draw of a view (crop tries, flip, jitter coin,
+order and factors, grey, blur and its sigma, solarise) is a U[0, 1) number from a counter-based stream
+keyed by (seed, epoch, sample index, view) (`draws`; the FFCV backend draws its crops from the same
+stream), computed on the host per batch and fed with `fn.external_source`. So a sample's views depend only on (seed, epoch, index),
+as with the torch reference: not on the process layout, and a resumed epoch sees the same views as the
+uninterrupted one, bit for bit (the torch reference draws from another stream: same distributions,
+not the same pixels).
+
+Sample order and sharding: each epoch the reader gets an explicit file list, this process's part of
+the torch reference's order (`EpochBatchSampler`: one permutation of (seed, epoch), cut into global
+batches, rank r taking its slice of every batch). Every rank therefore sees the same number of steps,
 floor(N / global batch), and the same labels as the torch backend. The reader's own `random_shuffle`
 is not used: it shuffles within a 1024-sample buffer, which on a class-sorted list gives
 near-single-class batches. The pipeline is rebuilt for every epoch (a new list), which also makes
-`set_epoch(epoch, start_step)` an exact seek: the list simply starts at step `start_step`. The random
-augmentation stream is seeded by (seed, epoch, rank, start_step): a resumed epoch has the same order,
-but fresh augmentation draws (unlike the torch backend, whose draws are a function of the sample).
+`set_epoch(epoch, start_step)` an exact seek: the list simply starts at step `start_step`.
 """
 from __future__ import annotations
 
@@ -58,7 +63,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # n
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
                                    make_spec, spec_from_config)
-from fastairl.pipelines.torch_ref import EpochBatchSampler, ImageReadError, _open_rgb  # noqa: E402
+from fastairl.data.datasets import ImageReadError  # noqa: E402
+from fastairl.pipelines.torch_ref import EpochBatchSampler, _open_rgb  # noqa: E402
 
 # PIL's RGB -> L conversion is (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (ITU-R 601 luma, rounded).
 # With the weights divided by 2^16 every product and partial sum is a multiple of 2^-16 below 256, so
@@ -163,13 +169,14 @@ def jitter_orders(v: ViewSpec) -> list[tuple[int, ...]]:
     return list(itertools.permutations(enabled))
 
 
-def jitter_draws(v: ViewSpec):
-    """Per-sample draws: {op: factor} with sample_color's ranges, and the index of the order."""
+def jitter_draws(v: ViewSpec, p):
+    """Per-sample factors {op: factor} with sample_color's ranges, and the index of the order, from the
+    view's photometric uniforms `p` (one U[0, 1) per slot, see draws())."""
     ranges = {B: (max(0.0, 1 - v.brightness), 1 + v.brightness), C: (max(0.0, 1 - v.contrast), 1 + v.contrast),
               S: (max(0.0, 1 - v.saturation), 1 + v.saturation), H: (-v.hue, v.hue)}
     orders = jitter_orders(v)
-    factors = {op: fn.random.uniform(range=list(ranges[op])) for op in (orders[0] if orders else ())}
-    which = fn.random.uniform(values=list(range(len(orders))), dtype=types.INT32) if len(orders) > 1 else 0
+    factors = {op: _between(p[_FACTOR[op]], *ranges[op]) for op in (orders[0] if orders else ())}
+    which = fn.cast(dmath.floor(p[_ORDER] * len(orders)), dtype=types.INT32) if len(orders) > 1 else 0
     return factors, which
 
 
@@ -228,66 +235,141 @@ def solarize(x, threshold: int):
     return fn.cast(xi + (xi >= threshold) * (255 - 2 * xi), dtype=types.UINT8)
 
 
-def _coin(p: float):
-    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+# ------------------------------------------------------------- the random draws, keyed by the sample
+# Every random choice is a function of (seed, epoch, sample index, view), like the reference's
+# `sample_rng`: the host draws U[0, 1) numbers from a counter-based stream (splitmix64) and feeds them
+# with `fn.external_source`; the graph maps them to boxes, coins and factors. The graph has no random
+# op, so a pipeline rebuilt at any step (a resume, a replaced file) gives the same views.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_PHOTO_STREAM = 1 << 16  # the photometric stream of view v is keyed by v + _PHOTO_STREAM, its crop stream by v
+_TRIES = 10  # torchvision's RandomResizedCrop tries
+CROP_DRAWS = 2 * _TRIES + 4  # try k reads 2k, 2k+1 and, when its box fits, 2k+2 (top), 2k+3 (left), 2k+4 (flip)
+_JITTER, _ORDER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(6)
+_FACTOR = {B: 6, C: 7, S: 8, H: 9}
+PHOTO_DRAWS = 10
+DRAWS = CROP_DRAWS + PHOTO_DRAWS  # per view: the crop stream's uniforms, then the photometric stream's
 
 
-def _view(images, v: ViewSpec, crop=None, finish: bool = True):
-    """One view of decoded uint8 HWC images -> 3xSxS float32 normalised (uint8 when not `finish`).
-    `crop` is an already cropped and resized batch (ROI decoding); otherwise it is cropped here."""
-    if crop is None:
-        crop = fn.random_resized_crop(images, size=[v.crop_size, v.crop_size], random_area=list(v.crop_scale),
-                                      random_aspect_ratio=list(v.crop_ratio), num_attempts=10,
-                                      interp_type=types.INTERP_LINEAR, antialias=True)  # SxSx3 uint8
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, epoch: int, indices: np.ndarray, stream: int, count: int) -> np.ndarray:
+    """N x count U[0, 1) (53 bits) of the stream keyed by (seed, epoch, index, stream): the FFCV
+    backend's counter-based stream (`ffcv_loader._key` / `_uniform`), vectorised."""
+    with np.errstate(over="ignore"):
+        h = _mix(np.full(len(indices), seed, np.uint64) + _GAMMA)
+        h = _mix(h ^ (np.uint64(epoch) + _GAMMA))
+        h = _mix(h ^ (np.asarray(indices, np.uint64) + _GAMMA))
+        h = _mix(h ^ (np.uint64(stream) + _GAMMA))  # N
+        steps = _GAMMA * np.arange(1, count + 1, dtype=np.uint64)  # count
+        return (_mix(h[:, None] + steps) >> np.uint64(11)) * (1.0 / 2 ** 53)  # N x count
+
+
+def draws(seed: int, epoch: int, indices: np.ndarray, num_views: int) -> np.ndarray:
+    """N x V x DRAWS float64: the uniforms of every view of the samples (crop stream, photometric stream)."""
+    return np.stack([np.concatenate([uniforms(seed, epoch, indices, v, CROP_DRAWS),
+                                     uniforms(seed, epoch, indices, v + _PHOTO_STREAM, PHOTO_DRAWS)], axis=1)
+                     for v in range(num_views)], axis=1)
+
+
+def _between(u, lo: float, hi: float):
+    """U[0, 1) -> U[lo, hi) as float32 (a factor or a sigma)."""
+    return fn.cast(lo + (hi - lo) * u, dtype=types.FLOAT)
+
+
+def crop_window(shape, u, v: ViewSpec):
+    """sample_crop's rule (torchvision's RandomResizedCrop) for HxW images (`shape`, per sample) from
+    the view's crop uniforms `u` (CROP_DRAWS, consumed as FFCV's draw_crops does): area ~ U(scale)·HW,
+    log-aspect ~ U(log ratio), ten tries, else the whole image narrowed to the ratio range, centred.
+    -> (roi_start [top, left], roi_end [bottom, right], flip), float32, float32, int32.
+
+    All ten tries are computed at once and the first that fits is picked (float64; the box values are
+    integers, exact in float32 for the pick)."""
+    hgt, wid = fn.cast(shape[0], dtype=types.FLOAT64), fn.cast(shape[1], dtype=types.FLOAT64)
+    (lo, hi), (r_lo, r_hi) = v.crop_scale, v.crop_ratio
+    target = hgt * wid * (lo + (hi - lo) * u[0:2 * _TRIES:2])  # 10
+    aspect = dmath.exp(math.log(r_lo) + (math.log(r_hi) - math.log(r_lo)) * u[1:2 * _TRIES:2])  # 10
+    w = dmath.floor(dmath.sqrt(target * aspect) + 0.5)  # 10
+    h = dmath.floor(dmath.sqrt(target / aspect) + 0.5)  # 10
+    fits = (w > 0) & (w <= wid) & (h > 0) & (h <= hgt)  # 10 bool
+    top = dmath.floor(u[2:2 * _TRIES + 2:2] * (hgt - h + 1))  # 10
+    left = dmath.floor(u[3:2 * _TRIES + 3:2] * (wid - w + 1))  # 10
+    flip = fn.cast(u[4:2 * _TRIES + 4:2] < v.flip_p, dtype=types.FLOAT64)  # 10
+    tries = fn.stack(top, left, h, w, flip, axis=0)  # 5x10
+    score = fits * types.Constant(np.arange(_TRIES, 0, -1, dtype=np.int32))  # 10: the first fit scores highest
+    best = fn.reductions.max(score)
+    first = (score == best) & fits  # 10: one-hot, or all False
+    picked = fn.reductions.sum(fn.cast(first * tries, dtype=types.FLOAT), axes=1)  # 5
+    # no try fits: the whole image narrowed to the nearest allowed aspect, centred
+    narrow, wide = fn.cast(wid < hgt * r_lo, dtype=types.FLOAT64), fn.cast(wid > hgt * r_hi, dtype=types.FLOAT64)
+    fb_w = wide * dmath.floor(hgt * r_hi + 0.5) + (1 - wide) * wid
+    fb_h = narrow * dmath.floor(wid / r_lo + 0.5) + (1 - narrow) * hgt
+    fallback = fn.stack(dmath.floor((hgt - fb_h) / 2), dmath.floor((wid - fb_w) / 2), fb_h, fb_w,
+                        fn.cast(u[2 * _TRIES] < v.flip_p, dtype=types.FLOAT64))  # 5
+    found = fn.cast(best > 0, dtype=types.FLOAT)
+    box = found * picked + (1 - found) * fn.cast(fallback, dtype=types.FLOAT)  # 5: top, left, h, w, flip
+    return box[0:2], box[0:2] + box[2:4], fn.cast(box[4], dtype=types.INT32)
+
+
+def _view(crop, mirror, p, v: ViewSpec, finish: bool = True):
+    """One view from its SxSx3 uint8 crop, flip and photometric uniforms `p` -> 3xSxS float32
+    normalised (uint8 when not `finish`)."""
     x = crop
     if finish:
         if v.jitter_p > 0:
-            if _coin(v.jitter_p):
-                x = jitter(x, v, *jitter_draws(v))
+            if p[_JITTER] < v.jitter_p:
+                x = jitter(x, v, *jitter_draws(v, p))
         if v.gray_p > 0:
-            if _coin(v.gray_p):
+            if p[_GRAY] < v.gray_p:
                 x = grayscale(x)
         if v.blur_p > 0:
-            sigma = fn.random.uniform(range=list(v.blur_sigma))
-            if _coin(v.blur_p):
-                x = gaussian_blur(x, v, sigma)
+            if p[_BLUR] < v.blur_p:
+                x = gaussian_blur(x, v, _between(p[_SIGMA], *v.blur_sigma))
         if v.solarize_p > 0:
-            if _coin(v.solarize_p):
+            if p[_SOLARIZE] < v.solarize_p:
                 x = solarize(x, v.solarize_threshold)
-    mirror = fn.random.coin_flip(probability=v.flip_p) if v.flip_p > 0 else 0
     if not finish:
         return fn.crop_mirror_normalize(x, mirror=mirror, dtype=types.UINT8, output_layout="CHW")
     return fn.crop_mirror_normalize(x, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
                                     mean=[255 * m for m in v.mean], std=[255 * s for s in v.std])
 
 
-def _read(files, labels, shard_id: int, num_shards: int):
-    return fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-                           random_shuffle=False, pad_last_batch=True, name="reader")
+def _read(files, labels):
+    return fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader")
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(files: Sequence[str], labels: Sequence[int], views: tuple[ViewSpec, ...], shard_id: int = 0,
-                   num_shards: int = 1, gpu: bool = False, decode: str = "once", finish: bool = True):
+def train_pipeline(files: Sequence[str], labels: Sequence[int], views: tuple[ViewSpec, ...], draws_of_batch,
+                   gpu: bool = False, decode: str = "once", finish: bool = True):
     """Decode once, one augmentation chain per ViewSpec; outputs (view_0, ..., view_k, label).
 
-    decode="roi" instead decodes only each view's random crop (`decoders.image_random_crop`): one
-    partial decode PER VIEW. Kept for the benchmark that compares the two (benchmarks/dali_throughput.py).
+    `draws_of_batch(iteration)` -> the N x V x DRAWS uniforms of that batch's samples (see draws()). decode="roi" instead decodes only each view's crop (`decoders.image_slice`):
+    one partial decode PER VIEW. Kept for the benchmark that compares the two
+    (benchmarks/dali_throughput.py).
     """
-    jpegs, label = _read(files, labels, shard_id, num_shards)
+    jpegs, label = _read(files, labels)
+    u = fn.external_source(source=lambda info: draws_of_batch(info.iteration), batch=True, batch_info=True,
+                           dtype=types.FLOAT64, ndim=2)  # V x DRAWS per sample
+    shape = fn.peek_image_shape(jpegs, dtype=types.INT32)  # HxWx3, as the decoder will output it
     device = "mixed" if gpu else "cpu"
-    if decode == "roi":
-        outs = []
-        for v in views:
-            roi = fn.decoders.image_random_crop(jpegs, device=device, output_type=types.RGB,
-                                                random_area=list(v.crop_scale),
-                                                random_aspect_ratio=list(v.crop_ratio), num_attempts=10)
-            crop = fn.resize(roi, size=[v.crop_size, v.crop_size], interp_type=types.INTERP_LINEAR,
-                             antialias=True)
-            outs.append(_view(None, v, crop=crop, finish=finish))
-        return (*outs, label)
-    images = fn.decoders.image(jpegs, device=device, output_type=types.RGB)  # HxWx3 uint8, once
-    return (*[_view(images, v, finish=finish) for v in views], label)
+    images = None if decode == "roi" else fn.decoders.image(jpegs, device=device, output_type=types.RGB)  # once
+    outs = []
+    for k, v in enumerate(views):
+        start, end, mirror = crop_window(shape, u[k, :CROP_DRAWS], v)
+        size = [v.crop_size, v.crop_size]
+        if decode == "roi":
+            roi = fn.decoders.image_slice(jpegs, start, end - start, device=device, output_type=types.RGB,
+                                          axis_names="HW", normalized_anchor=False, normalized_shape=False)
+            crop = fn.resize(roi, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        else:
+            crop = fn.resize(images, size=size, roi_start=start, roi_end=end, interp_type=types.INTERP_LINEAR,
+                             antialias=True)  # SxSx3 uint8
+        outs.append(_view(crop, mirror, u[k, CROP_DRAWS:], v, finish=finish))
+    return (*outs, label)
 
 
 def _eval_size(shape, resize: int):
@@ -309,7 +391,7 @@ def _centre_start(extent, crop: int):
 def eval_pipeline(files: Sequence[str], labels: Sequence[int], crop_size: int, resize: int,
                   mean: Sequence[float], std: Sequence[float], gpu: bool = False):
     """Resize the shorter side to `resize` (bilinear, antialiased) -> centre crop -> normalise."""
-    jpegs, label = _read(files, labels, 0, 1)
+    jpegs, label = _read(files, labels)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     size = _eval_size(fn.peek_image_shape(jpegs, dtype=types.INT32), resize)
     resized = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
@@ -321,14 +403,14 @@ def eval_pipeline(files: Sequence[str], labels: Sequence[int], crop_size: int, r
 
 
 # ---------------------------------------------------------------------------------------- loaders
-def _epoch_order(num_samples: int, global_batch: int, world_size: int, seed: int, epoch: int,
+def _epoch_order(num_samples: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int,
                  start_step: int) -> np.ndarray:
-    """Sample indices of steps start_step.. of `epoch`, rank-major: rank r's slices of every global
-    batch, then rank r+1's. The permutation is EpochBatchSampler's, so the batches are the same."""
+    """Rank `rank`'s sample indices of steps start_step.. of `epoch`: its slice of every global batch.
+    The permutation is EpochBatchSampler's, so the batches are the same."""
     steps = num_samples // global_batch
     perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
     per_rank = perm[: steps * global_batch].reshape(steps, world_size, global_batch // world_size)
-    return per_rank[start_step:].transpose(1, 0, 2).reshape(-1)
+    return per_rank[start_step:, rank].reshape(-1)
 
 
 def _device_id(device) -> Optional[int]:
@@ -339,29 +421,51 @@ def _device_id(device) -> Optional[int]:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+# the decoder's message for a bad image, the reader's for an empty file
+_NAMED_FILE = re.compile(r"(?:Failed to decode sample #\d+ : |File mapping failed: )(.+)")
+
+
+def _named_file(error: Exception) -> Optional[str]:
+    named = _NAMED_FILE.search(str(error))
+    return named.group(1).strip() if named else None
+
+
+def _dali_message(error: Exception) -> str:
+    """The line of a DALI error that says what went wrong."""
+    lines = [ln.strip() for ln in str(error).splitlines()
+             if ln.strip() and "pipeline" not in ln and not ln.startswith("C++ context")]
+    return lines[-1] if lines else str(error)
+
+
 def _unreadable(error: RuntimeError, candidates: Sequence[str]) -> RuntimeError:
     """One line for a DALI failure: the file it names, else the first of `candidates` (the files of
     the failing and prefetched batches) that PIL cannot read either, else DALI's own message."""
-    named = re.search(r"Failed to decode sample #\d+ : (.+)", str(error))
+    named = _named_file(error)
     if named:
-        return ImageReadError(f"cannot read image {named.group(1).strip()}: DALI cannot decode it; remove or "
-                              f"replace the file")
+        return ImageReadError(f"cannot read image {named}: DALI cannot decode it; remove or replace the file")
     for path in candidates:
         try:
             _open_rgb(path)
         except ImageReadError as bad:
             return bad
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and "pipeline" not in ln]
-    return RuntimeError(f"DALI pipeline failed: {lines[-1] if lines else error}")
+    return RuntimeError(f"DALI pipeline failed: {_dali_message(error)}")
 
 
-def _run(pipe, names: list[str], steps: Optional[int], files_of_step, policy) -> Iterator[dict]:
+class _PipelineFailed(Exception):
+    """DALI failed producing batch `step` of a pass; the pipeline is unusable after that."""
+
+    def __init__(self, step: int, error: RuntimeError):
+        super().__init__(str(error))
+        self.step, self.error = step, error
+
+
+def _run(pipe, names: list[str], steps: Optional[int], policy) -> Iterator[dict]:
     """Batches (name -> tensor) of one pass of `pipe`: `steps` of them, or all (the last one partial).
     The pipeline and its threads live as long as this generator: closing it early releases them."""
     try:
         it = DALIGenericIterator(pipe, names, reader_name="reader", last_batch_policy=policy, auto_reset=False)
     except RuntimeError as e:  # the iterator runs the first batch already
-        raise _unreadable(e, files_of_step(0)) from None
+        raise _PipelineFailed(0, e) from None
     step = 0
     while steps is None or step < steps:
         try:
@@ -369,7 +473,7 @@ def _run(pipe, names: list[str], steps: Optional[int], files_of_step, policy) ->
         except StopIteration:
             return
         except RuntimeError as e:
-            raise _unreadable(e, files_of_step(step)) from None
+            raise _PipelineFailed(step, e) from None
         yield batch
         step += 1
 
@@ -379,7 +483,7 @@ class DaliTrainLoader:
     GPU when `device_id` is set, else on CPU.
 
     The DALI iterator is not passed through `accelerator.prepare`: accelerate only shards torch
-    DataLoaders; this loader shards itself (the reader's shard_id / num_shards = process index / count).
+    DataLoaders; this loader reads only its process's slice of every global batch.
     """
 
     def __init__(self, samples, classes, spec: AugmentSpec, global_batch: int, rank: int = 0,
@@ -405,30 +509,32 @@ class DaliTrainLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def _pipeline(self, order: np.ndarray):
-        s = self.sampler
-        # one seed per (run seed, epoch, rank, start_step): reproducible, different on every rank
-        dali_seed = int(np.random.default_rng([self.seed, s.epoch, self.rank, s.start_step]).integers(2 ** 31))
-        return train_pipeline(files=[self.files[i] for i in order], labels=[self.labels[i] for i in order],
-                              views=self.spec.views, shard_id=self.rank, num_shards=self.world_size,
-                              gpu=self.device_id is not None, decode=self.decode, finish=not self.uint8_views,
-                              batch_size=self.per_batch, num_threads=self.threads, device_id=self.device_id,
-                              seed=dali_seed, prefetch_queue_depth=self.prefetch)
+    def _pipeline(self, epoch: int, mine: np.ndarray):
+        pb, steps, num_views = self.per_batch, len(mine) // self.per_batch, self.spec.num_views
+
+        def draws_of_batch(iteration: int):  # iterations past the pass are prefetched, never yielded
+            i = iteration % steps
+            return draws(self.seed, epoch, mine[i * pb: (i + 1) * pb], num_views)
+
+        return train_pipeline(files=[self.files[i] for i in mine], labels=[self.labels[i] for i in mine],
+                              views=self.spec.views, draws_of_batch=draws_of_batch, gpu=self.device_id is not None,
+                              decode=self.decode, finish=not self.uint8_views, batch_size=pb,
+                              num_threads=self.threads, device_id=self.device_id, seed=self.seed,
+                              prefetch_queue_depth=self.prefetch)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        steps = len(self)
-        if steps == 0:
+        s, pb = self.sampler, self.per_batch
+        if len(self) == 0:
             return
-        s = self.sampler
-        order = _epoch_order(len(self.files), s.global_batch, self.world_size, self.seed, s.epoch, s.start_step)
-        mine = order[self.rank * steps * self.per_batch: (self.rank + 1) * steps * self.per_batch]
-
-        def files_of_step(step: int) -> list[str]:  # the failing batch and the ones prefetched after it
-            return [self.files[i] for i in mine[step * self.per_batch: (step + self.prefetch + 2) * self.per_batch]]
-
         names = [f"view{k}" for k in range(self.spec.num_views)]
-        for batch in _run(self._pipeline(order), names + ["label"], steps, files_of_step, LastBatchPolicy.DROP):
-            yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
+        mine = _epoch_order(len(self.files), s.global_batch, self.world_size, self.rank, self.seed, s.epoch,
+                            s.start_step)
+        try:
+            for batch in _run(self._pipeline(s.epoch, mine), names + ["label"], len(self), LastBatchPolicy.DROP):
+                yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
+        except _PipelineFailed as failed:  # the failing batch and the ones prefetched after it
+            at = failed.step * pb
+            raise _unreadable(failed.error, [self.files[i] for i in mine[at: at + (self.prefetch + 2) * pb]]) from None
 
 
 class DaliEvalLoader:
@@ -460,11 +566,11 @@ class DaliEvalLoader:
                              batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, seed=0)
         bs = self.batch_size
 
-        def files_of_step(step: int) -> list[str]:
-            return self.files[step * bs: (step + 3) * bs]
-
-        for batch in _run(pipe, ["images", "label"], None, files_of_step, LastBatchPolicy.PARTIAL):
-            yield batch["images"], batch["label"].view(-1).long()  # Nx3xSxS, N
+        try:
+            for batch in _run(pipe, ["images", "label"], None, LastBatchPolicy.PARTIAL):
+                yield batch["images"], batch["label"].view(-1).long()  # Nx3xSxS, N
+        except _PipelineFailed as failed:  # the failing batch and the ones prefetched after it
+            raise _unreadable(failed.error, self.files[failed.step * bs: (failed.step + 3) * bs]) from None
 
 
 # ------------------------------------------------------------------------- the seam's entry points

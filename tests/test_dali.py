@@ -194,23 +194,112 @@ def test_grayscale_solarize_blur_match_torchvision(tiles):
     assert diffs.max() <= 1 and (diffs == 0).mean() > 0.99  # float rounding of the same kernel
 
 
-def test_jitter_draws_follow_sample_color():
-    v = ViewSpec(brightness=0.4, contrast=0.3, saturation=0.9, hue=0.1)  # saturation range is clipped at 0
-    orders = D.jitter_orders(v)
-
-    @pipeline_def(batch_size=4000, num_threads=1, device_id=None, seed=7)
+def _graph(fn_of_inputs, *inputs, batch: int):
+    """Outputs (numpy, per sample stacked) of fn_of_inputs(*nodes) over host arrays (batch x ...)."""
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
     def pipe():
-        factors, which = D.jitter_draws(v)
-        return (*[factors[op] for op in (D.B, D.C, D.S, D.H)], which)
+        return fn_of_inputs(*[fn.external_source(source=_const(np.ascontiguousarray(a)), batch=True) for a in inputs])
 
     p = pipe()
     p.build()
-    b, c, s, h, which = [np.array(t.as_tensor()) for t in p.run()]
+    return [np.array(t.as_tensor()) for t in p.run()]
+
+
+def test_jitter_draws_follow_sample_color():
+    v = ViewSpec(brightness=0.4, contrast=0.3, saturation=0.9, hue=0.1)  # saturation range is clipped at 0
+    orders = D.jitter_orders(v)
+    u = D.draws(0, 0, np.arange(4000), 1)[:, 0, D.CROP_DRAWS:]  # 4000 x PHOTO_DRAWS
+
+    def graph(p):
+        factors, which = D.jitter_draws(v, p)
+        return (*[factors[op] for op in (D.B, D.C, D.S, D.H)], which)
+
+    b, c, s, h, which = _graph(graph, u, batch=len(u))
     for x, lo, hi in ((b, 0.6, 1.4), (c, 0.7, 1.3), (s, 0.1, 1.9), (h, -0.1, 0.1)):
-        assert lo <= x.min() and x.max() <= hi
+        assert x.dtype == np.float32 and lo <= x.min() and x.max() <= hi
         assert stats.kstest(x, stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
     counts = np.bincount(which, minlength=len(orders))
     assert len(counts) == 24 and stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_draws_are_uniform_and_keyed_by_seed_epoch_sample_and_view():
+    u = D.draws(3, 1, np.arange(500), 2)  # 500 x 2 x DRAWS
+    assert u.shape == (500, 2, D.DRAWS) and u.dtype == np.float64 and 0 <= u.min() and u.max() < 1
+    assert stats.kstest(u.reshape(-1), stats.uniform().cdf).pvalue > 1e-3
+    assert np.array_equal(D.draws(3, 1, np.arange(100, 500), 2), u[100:])  # a sample's draws: its own
+    for other in (D.draws(4, 1, np.arange(500), 2), D.draws(3, 2, np.arange(500), 2), u[:, ::-1]):
+        assert abs(np.corrcoef(u.reshape(-1), other.reshape(-1))[0, 1]) < 0.02  # seed, epoch, view
+
+
+def _crop_rule(u, height: int, width: int, v: ViewSpec) -> tuple[tuple[int, int, int, int, bool], bool]:
+    """fastairl.data.augment.sample_crop's rule, line by line, reading its uniforms in order from `u`
+    (then the flip): what crop_window must compute. -> ((top, left, h, w, flip), whether no try fit)"""
+    u = iter(u)
+    area = height * width
+    log_r = (math.log(v.crop_ratio[0]), math.log(v.crop_ratio[1]))
+    for _ in range(10):
+        target = area * (v.crop_scale[0] + (v.crop_scale[1] - v.crop_scale[0]) * next(u))
+        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * next(u))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(next(u) * (height - h + 1)), int(next(u) * (width - w + 1))
+            return (top, left, h, w, next(u) < v.flip_p), False
+    in_ratio = width / height
+    if in_ratio < v.crop_ratio[0]:
+        w, h = width, int(round(width / v.crop_ratio[0]))
+    elif in_ratio > v.crop_ratio[1]:
+        h, w = height, int(round(height * v.crop_ratio[1]))
+    else:
+        w, h = width, height
+    return ((height - h) // 2, (width - w) // 2, h, w, next(u) < v.flip_p), True
+
+
+CROP_VIEWS = (ViewSpec(), ViewSpec(crop_scale=(0.9, 1.0), crop_ratio=(0.5, 0.6), flip_p=0.3))
+
+
+def _crop_windows(heights, widths, u) -> np.ndarray:
+    """crop_window of every CROP_VIEWS view: n x V x (top, left, h, w, flip)."""
+    shapes = np.stack([heights, widths, np.full(len(heights), 3)], axis=1).astype(np.int32)
+
+    def graph(shape, u):
+        return tuple(out for k, v in enumerate(CROP_VIEWS) for out in D.crop_window(shape, u[k, :D.CROP_DRAWS], v))
+
+    outs = _graph(graph, shapes, u, batch=len(shapes))
+    return np.stack([np.concatenate([start, end - start, flip[:, None]], axis=1)
+                     for start, end, flip in zip(outs[0::3], outs[1::3], outs[2::3])], axis=1).astype(np.int64)
+
+
+def _shapes(n: int):
+    """Image sizes from 1 px to 2000 px, a fifth of them so elongated that no try fits (the fallback)."""
+    rng = np.random.default_rng(1)
+    h, w = rng.integers(1, 600, n), rng.integers(1, 600, n)
+    h[: n // 5], w[: n // 5] = rng.integers(1, 30, n // 5), rng.integers(300, 2000, n // 5)
+    return h, w
+
+
+def test_crop_window_is_sample_crops_rule():
+    h, w = _shapes(3000)
+    u = D.draws(5, 3, np.arange(len(h)), len(CROP_VIEWS))
+    got = _crop_windows(h, w, u)
+    fallbacks = 0
+    for i in range(len(h)):
+        for k, v in enumerate(CROP_VIEWS):
+            want, fell_back = _crop_rule(u[i, k], int(h[i]), int(w[i]), v)
+            assert tuple(got[i, k]) == want, (i, k, int(h[i]), int(w[i]))
+            fallbacks += fell_back
+    assert fallbacks > 500  # the fallback branch was exercised
+
+
+def test_crop_boxes_and_flips_are_the_ffcv_backends():
+    pytest.importorskip("ffcv")
+    from fastairl.pipelines import ffcv_loader as F
+
+    h, w = _shapes(2000)
+    idx = np.arange(len(h)) + 7
+    want = F.draw_crops(5, 3, idx.astype(np.int64), h.astype(np.int64), w.astype(np.int64),
+                        F.view_geometry(AugmentSpec(CROP_VIEWS)), S)[..., [F.TOP, F.LEFT, F.HEIGHT, F.WIDTH, F.FLIP]]
+    assert np.array_equal(_crop_windows(h, w, D.draws(5, 3, idx, len(CROP_VIEWS))), want)
 
 
 # ------------------------------------------------------------------- the pipeline, one op at a time
@@ -423,6 +512,35 @@ def test_resume_seeks_exactly_and_runs_are_reproducible(tile_samples):
     next(it)
     it.close()
     assert [lb.tolist() for _, lb in loader] == [lb.tolist() for _, lb in full[2:]]
+
+
+def _same(a, b) -> bool:
+    """Two lists of batches hold the same views and labels, bit for bit."""
+    return len(a) == len(b) and all(torch.equal(x, y) for (va, la), (vb, lb) in zip(a, b)
+                                    for x, y in zip([*va, la], [*vb, lb]))
+
+
+def test_mid_epoch_resume_is_bit_identical(tile_samples):
+    # every op of byol_sym on: crops, flips, jitter factors and order, grey, blur sigma, solarise
+    samples, spec = _indexed(tile_samples, 40), make_spec("byol_sym", crop_size=S)
+    full = _epoch(D.DaliTrainLoader(samples, ["x"], spec, 8, seed=3), 1)  # 5 steps, uninterrupted
+    for k in (1, 3):  # stop before step k; a new loader, as after a process restart
+        assert _same(_epoch(D.DaliTrainLoader(samples, ["x"], spec, 8, seed=3), 1, start_step=k), full[k:])
+    uint8 = dict(finish=False)  # aug.on_device: DALI's crops and flips
+    full = _epoch(D.DaliTrainLoader(samples, ["x"], spec, 8, seed=3, **uint8), 1)
+    assert _same(_epoch(D.DaliTrainLoader(samples, ["x"], spec, 8, seed=3, **uint8), 1, start_step=2), full[2:])
+
+
+def test_views_depend_only_on_the_sample(tile_samples):
+    # as the reference's: one process or two, sample i of epoch e gets the same views
+    samples, spec = _indexed(tile_samples, 24), make_spec("byol_sym", crop_size=S)
+    one = {}
+    for views, labels in _epoch(D.DaliTrainLoader(samples, ["x"], spec, 8, seed=1), 2):
+        one.update({int(i): [x[n] for x in views] for n, i in enumerate(labels)})
+    for rank in range(2):
+        for views, labels in _epoch(D.DaliTrainLoader(samples, ["x"], spec, 8, rank=rank, world_size=2, seed=1), 2):
+            for n, i in enumerate(labels.tolist()):
+                assert all(torch.equal(x[n], y) for x, y in zip(views, one[i]))
 
 
 def test_roi_decoding_variant_runs(photo_root):
