@@ -30,10 +30,10 @@ samples whose coin came up, and an op whose probability is 0 is not in the graph
 Random draws: the graph has no random operator. Every draw of a view (crop tries, flip, jitter coin,
 order and factors, grey, blur and its sigma, solarise) is a U[0, 1) number from a counter-based stream
 keyed by (seed, epoch, sample index, view) (`draws`; the FFCV backend draws its crops from the same
-stream), computed on the host per batch and fed with `fn.external_source`. So a sample's views depend only on (seed, epoch, index),
-as with the torch reference: not on the process layout, and a resumed epoch sees the same views as the
-uninterrupted one, bit for bit (the torch reference draws from another stream: same distributions,
-not the same pixels).
+stream), computed on the host per batch and fed with `fn.external_source`. So a sample's views depend
+only on (seed, epoch, index), as with the torch reference: not on the process layout, and a resumed
+epoch sees the same views as the uninterrupted one, bit for bit (the torch reference draws from
+another stream: same distributions, not the same pixels).
 
 Sample order and sharding: each epoch the reader gets an explicit file list, this process's part of
 the torch reference's order (`EpochBatchSampler`: one permutation of (seed, epoch), cut into global
@@ -42,6 +42,17 @@ floor(N / global batch), and the same labels as the torch backend. The reader's 
 is not used: it shuffles within a 1024-sample buffer, which on a class-sorted list gives
 near-single-class batches. The pipeline is rebuilt for every epoch (a new list), which also makes
 `set_epoch(epoch, start_step)` an exact seek: the list simply starts at step `start_step`.
+
+Unreadable files are replaced as the torch reference replaces them. DALI stops a pipeline at the first
+file it cannot read, naming it (the decoder for a damaged image, the reader for an empty file); when it
+does not name one, the files of the failing and prefetched batches that PIL cannot read either (the
+reference's test) are taken. The loader marks the file bad and rebuilds the pipeline at the failing
+batch, with every sample of a bad file read from the reference's replacement (`source`: the first of
+16 samples drawn from (seed, epoch, index) whose file is readable; the replaced sample's draws, the
+replacement's label). `bad_files()` feeds the trainer's BadDataMonitor, so `data.max_bad_fraction`
+applies. Each new bad file costs one pipeline rebuild (about a second on the CPU); a restarted process
+meets its bad files again, as the reference does. DALI's image codec also logs `[ERROR]` lines on
+stderr for each damaged image it meets (DALI_NVIMGCODEC_LOG_LEVEL does not go below errors).
 """
 from __future__ import annotations
 
@@ -63,8 +74,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # n
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
                                    make_spec, spec_from_config)
-from fastairl.data.datasets import ImageReadError  # noqa: E402
-from fastairl.pipelines.torch_ref import EpochBatchSampler, _open_rgb  # noqa: E402
+from fastairl.data.datasets import DataError, ImageReadError  # noqa: E402
+from fastairl.pipelines.torch_ref import DualViewDataset, EpochBatchSampler, _open_rgb  # noqa: E402
 
 # PIL's RGB -> L conversion is (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (ITU-R 601 luma, rounded).
 # With the weights divided by 2^16 every product and partial sum is a multiple of 2^-16 below 256, so
@@ -437,6 +448,15 @@ def _dali_message(error: Exception) -> str:
     return lines[-1] if lines else str(error)
 
 
+def _readable(path: str) -> bool:
+    """The reference's test of a file (a full PIL decode)."""
+    try:
+        _open_rgb(path)
+    except ImageReadError:
+        return False
+    return True
+
+
 def _unreadable(error: RuntimeError, candidates: Sequence[str]) -> RuntimeError:
     """One line for a DALI failure: the file it names, else the first of `candidates` (the files of
     the failing and prefetched batches) that PIL cannot read either, else DALI's own message."""
@@ -493,6 +513,7 @@ class DaliTrainLoader:
             raise ValueError(f"decode must be 'once' or 'roi', got {decode!r}")
         self.files = [path for path, _ in samples]
         self.labels = [label for _, label in samples]
+        self.num_samples = len(self.files)
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.spec = spec
@@ -502,6 +523,7 @@ class DaliTrainLoader:
         self.per_batch = global_batch // world_size
         self.threads, self.device_id, self.decode, self.prefetch = max(1, threads), device_id, decode, prefetch
         self.uint8_views = not finish  # the seam then finishes the views on the device (aug.on_device)
+        self._bad: set[str] = set()  # files DALI could not read: their samples are replaced
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_step)
@@ -509,32 +531,62 @@ class DaliTrainLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def _pipeline(self, epoch: int, mine: np.ndarray):
+    def bad_files(self) -> list[str]:
+        """The files found unreadable so far (each replaced); the trainer's BadDataMonitor reads them."""
+        return sorted(self._bad)
+
+    def source(self, epoch: int, index: int) -> int:
+        """The sample whose file stands for sample `index`: itself, or if its file is bad the reference's
+        replacement (DualViewDataset): the first of MAX_TRIES samples drawn from (seed, epoch, index)
+        whose file is readable. The views keep `index`'s draws; the label is the replacement's."""
+        if self.files[index] not in self._bad:
+            return index
+        tries = DualViewDataset.MAX_TRIES
+        for j in np.random.default_rng([self.seed, epoch, index, 1]).integers(self.num_samples, size=tries).tolist():
+            if self.files[j] not in self._bad:
+                return j
+        raise DataError(f"cannot read image {self.files[index]}: DALI cannot decode it, nor any of the {tries} "
+                        f"samples drawn to replace it: check the training folder")
+
+    def _pipeline(self, epoch: int, mine: np.ndarray, read: list[int]):
         pb, steps, num_views = self.per_batch, len(mine) // self.per_batch, self.spec.num_views
 
         def draws_of_batch(iteration: int):  # iterations past the pass are prefetched, never yielded
             i = iteration % steps
             return draws(self.seed, epoch, mine[i * pb: (i + 1) * pb], num_views)
 
-        return train_pipeline(files=[self.files[i] for i in mine], labels=[self.labels[i] for i in mine],
+        return train_pipeline(files=[self.files[j] for j in read], labels=[self.labels[j] for j in read],
                               views=self.spec.views, draws_of_batch=draws_of_batch, gpu=self.device_id is not None,
                               decode=self.decode, finish=not self.uint8_views, batch_size=pb,
                               num_threads=self.threads, device_id=self.device_id, seed=self.seed,
                               prefetch_queue_depth=self.prefetch)
 
+    def _find_bad(self, failed: _PipelineFailed, window: list[str], where: str) -> None:
+        """Add the file(s) behind a DALI failure to the bad set: the one DALI names, else those of the
+        failing and prefetched batches (`window`) that PIL cannot read either; none new: raise."""
+        named = _named_file(failed.error)
+        found = [named] if named else [p for p in dict.fromkeys(window) if not _readable(p)]
+        found = [p for p in found if p not in self._bad]
+        if not found:
+            raise RuntimeError(f"DALI pipeline failed at {where}: {_dali_message(failed.error)}")
+        self._bad.update(found)
+
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         s, pb = self.sampler, self.per_batch
-        if len(self) == 0:
-            return
         names = [f"view{k}" for k in range(self.spec.num_views)]
-        mine = _epoch_order(len(self.files), s.global_batch, self.world_size, self.rank, self.seed, s.epoch,
-                            s.start_step)
-        try:
-            for batch in _run(self._pipeline(s.epoch, mine), names + ["label"], len(self), LastBatchPolicy.DROP):
-                yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
-        except _PipelineFailed as failed:  # the failing batch and the ones prefetched after it
-            at = failed.step * pb
-            raise _unreadable(failed.error, [self.files[i] for i in mine[at: at + (self.prefetch + 2) * pb]]) from None
+        step = s.start_step
+        while step < self.steps_per_epoch:  # one pass; a bad file ends it, and the next starts at its batch
+            mine = _epoch_order(self.num_samples, s.global_batch, self.world_size, self.rank, self.seed, s.epoch, step)
+            read = [self.source(s.epoch, i) for i in mine.tolist()]
+            try:
+                for batch in _run(self._pipeline(s.epoch, mine, read), names + ["label"],
+                                  self.steps_per_epoch - step, LastBatchPolicy.DROP):
+                    step += 1
+                    yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
+            except _PipelineFailed as failed:
+                at = failed.step * pb
+                self._find_bad(failed, [self.files[j] for j in read[at: at + (self.prefetch + 2) * pb]],
+                               f"epoch {s.epoch} step {step}")
 
 
 class DaliEvalLoader:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -26,10 +28,10 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 import fastairl.pipelines.dali as D  # noqa: E402
 from fastairl.config import Config  # noqa: E402
 from fastairl.data.augment import AugmentSpec, ViewSpec, make_spec, sample_crop  # noqa: E402
-from fastairl.data.datasets import scan_folder  # noqa: E402
+from fastairl.data.datasets import DataError, scan_folder  # noqa: E402
 from fastairl.pipelines import build_eval_loader, build_train_loader  # noqa: E402
 from fastairl.pipelines.torch_ref import EvalLoader, TorchTrainLoader, augment_view  # noqa: E402
-from tiny_runs import losses, one_torch_thread, run, train_cmd, write_recipe  # noqa: E402
+from tiny_runs import losses, one_torch_thread, run, small_folder, train_cmd, write_recipe  # noqa: E402
 
 S = 32  # output side: small crops keep the statistics fast
 TILE = 40  # the photo tiles are TILE x TILE, resized to S by the deterministic full-image "crop"
@@ -552,18 +554,67 @@ def test_roi_decoding_variant_runs(photo_root):
         D.DaliTrainLoader(samples, classes, make_spec(crop_size=S), 16, decode="twice")
 
 
-def test_unreadable_jpeg_is_one_line_naming_the_file(tmp_path, photo_root):
+# ------------------------------------------------------------------------------------ bad files
+BAD = {"truncated.jpg": lambda real: real[: len(real) // 3], "empty.jpg": lambda real: b"",
+       "notes.jpg": lambda real: b"not an image at all\n"}
+
+
+def _bad_files(folder, real_jpeg) -> list[str]:
+    """A truncated JPEG, a zero-byte one and a text file named .jpg in `folder`."""
+    real = open(real_jpeg, "rb").read()
+    for name, damage in BAD.items():
+        (folder / name).write_bytes(damage(real))
+    return [str(folder / name) for name in BAD]
+
+
+@pytest.fixture(scope="module")
+def bad_photos(photo_root, tmp_path_factory):
+    """(samples, classes, bad paths): 37 real photos and the 3 bad files, spread over the list."""
     samples, classes = scan_folder(photo_root / "train")
-    data = open(samples[0][0], "rb").read()
-    bad = tmp_path / "truncated.jpg"
-    bad.write_bytes(data[: len(data) // 3])
-    junk = tmp_path / "junk.jpg"
-    junk.write_bytes(b"not an image at all")
-    for path in (bad, junk):
-        listed = samples[1:12] + [(str(path), 0)] + samples[12:20]
-        loader = D.DaliTrainLoader(listed, classes, AugmentSpec((ONLY,)), 8)
+    bad = _bad_files(tmp_path_factory.mktemp("bad_photos"), samples[0][0])
+    listed = samples[:12] + [(bad[0], 1)] + samples[12:24] + [(bad[1], 2)] + samples[24:37] + [(bad[2], 3)]
+    return listed, classes, bad
+
+
+def test_unreadable_files_are_replaced_like_the_reference(bad_photos):
+    samples, classes, bad = bad_photos
+    spec = make_spec("byol_sym", crop_size=S)
+    loader = D.DaliTrainLoader(samples, classes, spec, 8, seed=2)
+    ref = TorchTrainLoader(samples, classes, spec, 8, seed=2)
+    runs = [_epoch(loader, epoch) for epoch in (0, 1)]
+    assert all(len(r) == 5 for r in runs)
+    for epoch, got in enumerate(runs):  # the reference's replacements: the same labels in the same slots
+        assert [lb.tolist() for _, lb in got] == [lb.tolist() for _, lb in _epoch(ref, epoch)]
+    assert loader.bad_files() == sorted(bad) == sorted(ref.bad_files())
+    # the same views whether the loader meets the bad files mid-pass (a new process) or knows them
+    assert _same(_epoch(D.DaliTrainLoader(samples, classes, spec, 8, seed=2), 1, start_step=1), runs[1][1:])
+    assert _same(_epoch(loader, 1, start_step=1), runs[1][1:])
+    # a replaced sample is another real image of the list, with the replaced sample's draws (not zeros)
+    assert all(loader.source(0, i) != i for i, (p, _) in enumerate(samples) if p in bad)
+    swapped = [samples[loader.source(0, i)] for i in range(len(samples))]
+    assert _same(_epoch(D.DaliTrainLoader(swapped, classes, spec, 8, seed=2), 0), runs[0])
+
+
+def test_no_readable_replacement_is_one_line(tmp_path, photo_root):
+    samples, classes = scan_folder(photo_root / "train")
+    junk = []
+    for k in range(8):
+        junk.append(tmp_path / f"junk{k}.jpg")
+        junk[-1].write_bytes(b"")
+    loader = D.DaliTrainLoader([(str(p), 0) for p in junk], classes, AugmentSpec((ONLY,)), 8)
+    with pytest.raises(DataError, match=r"^cannot read image .*junk\d.jpg: DALI cannot decode it, nor any of the 16 "
+                                        r"samples drawn to replace it: check the training folder$") as e:
+        _epoch(loader, 0)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_loader_names_an_unreadable_file_in_one_line(tmp_path, photo_root):
+    samples, classes = scan_folder(photo_root / "train")
+    for path in _bad_files(tmp_path, samples[0][0]):
+        listed = samples[1:12] + [(path, 0)] + samples[12:20]
+        loader = D.DaliEvalLoader(listed, classes, crop_size=S, resize=37, batch_size=8)
         with pytest.raises(RuntimeError, match=rf"^cannot read image {path}: .*; remove or replace the file$") as e:
-            _epoch(loader, 0)
+            list(loader)
         assert "\n" not in str(e.value)
 
 
@@ -635,6 +686,34 @@ def test_trainer_runs_with_dali_through_the_cli(digits_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss = losses(tmp_path / "run")
     assert sorted(loss) == [1, 2, 3] and all(math.isfinite(x) for x in loss.values())
+
+
+@pytest.fixture(scope="module")
+def bad_digits(digits_root, tmp_path_factory):
+    """16 files, one global batch of the tiny recipe: 13 real digits and the 3 bad files."""
+    root = small_folder(digits_root / "train", tmp_path_factory.mktemp("bad_digits") / "train", per_class=1)
+    for f in sorted((digits_root / "train" / "1").iterdir())[1:4]:
+        shutil.copy(f, root / "1" / f.name)
+    return root, _bad_files(root / "0", next((root / "1").iterdir()))
+
+
+def test_trainer_replaces_bad_images_and_stops_past_max_bad_fraction(bad_digits, tmp_path):
+    root, bad = bad_digits
+    recipe = write_recipe(tmp_path / "tiny.yaml", root, data={"pipeline": "dali", "workers": 1})  # 2 steps
+    proc = run(train_cmd(recipe, "--run-dir", tmp_path / "ok", "data.max_bad_fraction=0.25"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "ok" / "log.txt").read_text()
+    assert all(log.count(f"warning: unreadable image {p} in data.train: replaced by another sample") == 1 for p in bad)
+    assert sorted(losses(tmp_path / "ok")) == [1, 2]
+
+    proc = run(train_cmd(recipe, "--run-dir", tmp_path / "stop", "data.max_bad_fraction=0.1"), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # besides the log of DALI's image codec ("[ERROR] [jpeg_parser] Invalid marker" and the like, in
+    # colour, per damaged JPEG it meets): one line
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not re.match(r"(\x1b\[[0-9;]*m)?\[ERROR\]", ln)]
+    assert len(lines) == 1 and lines[0].startswith("error: 3 of the 16 images in data.train are unreadable, more "
+                                                   "than data.max_bad_fraction=0.1: "), proc.stderr
+    assert all(p in lines[0] for p in bad)
 
 
 # ------------------------------------------------------------------------------------------ GPU tier
