@@ -688,6 +688,23 @@ def test_trainer_runs_with_dali_through_the_cli(digits_root, tmp_path):
     assert sorted(loss) == [1, 2, 3] and all(math.isfinite(x) for x in loss.values())
 
 
+def test_trainer_resume_mid_epoch_is_exact_with_dali(digits_root, tmp_path, monkeypatch):
+    from fastairl import checkpoint
+    from fastairl.config import load_config
+    from fastairl.trainer import train
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same intra-op threads in every leg: bit-exact steps
+    train_dir = small_folder(digits_root / "train", tmp_path / "train", per_class=4)  # 2 steps of 16 per epoch
+    recipe = write_recipe(tmp_path / "tiny.yaml", train_dir, data={"pipeline": "dali", "workers": 1})
+    train(load_config(recipe, []), tmp_path / "full")  # 4 steps
+    train(load_config(recipe, ["train.max_steps=3"]), tmp_path / "cut")  # stops inside epoch 1
+    train(load_config(recipe, ["train.resume=auto"]), tmp_path / "cut")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 4
+    ref, got = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "cut" / "last.pt")
+    assert got["step"] == ref["step"] == 4
+    assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])
+
+
 @pytest.fixture(scope="module")
 def bad_digits(digits_root, tmp_path_factory):
     """16 files, one global batch of the tiny recipe: 13 real digits and the 3 bad files."""
