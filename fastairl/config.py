@@ -82,7 +82,8 @@ class AugConfig:
     crop_scale: Optional[tuple[float, float]] = None  # None: the preset's (0.08, 1) or (0.2, 1)
     blur_kernel_frac: float = 0.1  # kernel side ~ 10 % of the crop (23 px at 224)
     # the loader only decodes, crops and flips (uint8); jitter, grayscale, blur, solarise and
-    # normalisation run per sample, batched, on the training device (fastairl/data/device_aug.py)
+    # normalisation run per sample, batched, on the training device (fastairl/data/device_aug.py).
+    # FFCV always does so on CUDA; on a CPU it finishes the views with the OpenCV uint8 ops unless this is set
     on_device: bool = False
     # how loader workers decode and augment on CPU: pil = the torchvision reference; opencv = uint8
     # OpenCV ops after one DCT-scaled decode for both views (fastairl/data/cv_aug.py), several x faster
@@ -98,7 +99,8 @@ class DataConfig:
     class_fraction: float = 1.0
     class_seed: int = 0
     # 'class<TAB>superclass' lines (`fastairl taxonomy`): train on merged labels (Table 6); applied
-    # after class_fraction, by every loader that reads data through fastairl.data.datasets.load_samples
+    # after class_fraction, by every loader (folders through fastairl.data.datasets.load_samples, FFCV
+    # to the .beton's labels)
     label_map: Optional[str] = None
     num_classes: int = 1000  # used by synthetic data only; folders count their classes
     synthetic_size: int = 1281167
