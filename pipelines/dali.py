@@ -358,9 +358,9 @@ def train_pipeline(files: Sequence[str], labels: Sequence[int], views: tuple[Vie
                    gpu: bool = False, decode: str = "once", finish: bool = True):
     """Decode once, one augmentation chain per ViewSpec; outputs (view_0, ..., view_k, label).
 
-    `draws_of_batch(iteration)` -> the N x V x DRAWS uniforms of that batch's samples (see draws()). decode="roi" instead decodes only each view's crop (`decoders.image_slice`):
-    one partial decode PER VIEW. Kept for the benchmark that compares the two
-    (benchmarks/dali_throughput.py).
+    `draws_of_batch(iteration)` -> the N x V x DRAWS uniforms of that batch's samples (see draws()).
+    decode="roi" instead decodes only each view's crop (`decoders.image_slice`): one partial decode
+    PER VIEW. Kept for the benchmark that compares the two (benchmarks/dali_throughput.py).
     """
     jpegs, label = _read(files, labels)
     u = fn.external_source(source=lambda info: draws_of_batch(info.iteration), batch=True, batch_info=True,
@@ -561,12 +561,16 @@ class DaliTrainLoader:
                               num_threads=self.threads, device_id=self.device_id, seed=self.seed,
                               prefetch_queue_depth=self.prefetch)
 
-    def _find_bad(self, failed: _PipelineFailed, window: list[str], where: str) -> None:
+    def _find_bad(self, failed: _PipelineFailed, batches: list[list[str]], where: str) -> None:
         """Add the file(s) behind a DALI failure to the bad set: the one DALI names, else those of the
-        failing and prefetched batches (`window`) that PIL cannot read either; none new: raise."""
+        failing batch, or failing that of the batches prefetched after it, that PIL cannot read either
+        (a full decode each: the failing batch is searched first); none new: raise."""
         named = _named_file(failed.error)
-        found = [named] if named else [p for p in dict.fromkeys(window) if not _readable(p)]
-        found = [p for p in found if p not in self._bad]
+        found = [named] if named and named not in self._bad else []
+        for batch in [] if named else batches:
+            found = [p for p in dict.fromkeys(batch) if p not in self._bad and not _readable(p)]
+            if found:
+                break
         if not found:
             raise RuntimeError(f"DALI pipeline failed at {where}: {_dali_message(failed.error)}")
         self._bad.update(found)
@@ -585,8 +589,9 @@ class DaliTrainLoader:
                     yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
             except _PipelineFailed as failed:
                 at = failed.step * pb
-                self._find_bad(failed, [self.files[j] for j in read[at: at + (self.prefetch + 2) * pb]],
-                               f"epoch {s.epoch} step {step}")
+                batches = [[self.files[j] for j in read[at + k * pb: at + (k + 1) * pb]]
+                           for k in range(self.prefetch + 2)]  # the failing batch, then the prefetched ones
+                self._find_bad(failed, batches, f"epoch {s.epoch} step {step}")
 
 
 class DaliEvalLoader:
