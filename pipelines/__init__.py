@@ -21,7 +21,9 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
-from fastairl.extras import MissingExtra, require  # noqa: F401  (re-exported: the loader seam's errors)
+from fastairl.extras import MissingExtra, require
+
+__all__ = ["BACKENDS", "MissingExtra", "backend", "build_eval_loader", "build_train_loader", "eval_resize"]
 
 # pipeline name -> (backend module, the extra's import name or None)
 BACKENDS = {

@@ -1,9 +1,7 @@
 """Method composition: EMA rule, queue, predictor placement, shuffle-BN emulation."""
 import copy
 
-import pytest
 import torch
-import torch.nn.functional as F
 
 from fastairl.config import build_config
 from fastairl.methods import Siamese, Supervised, build_method
