@@ -3,7 +3,7 @@
 `dali_images_per_s(paths, spec, batch, threads)` is the function the side-by-side benchmark calls; run
 as a script it measures, in rounds on a real-photo JPEG corpus (`make_photo_corpus`, ~500x375, JPEG
 quality 75-95): DALI decoding each JPEG once for both views, DALI with ROI decoding (one partial
-decode PER VIEW, `decoders.image_random_crop`), and the torch reference loader with `threads` worker
+decode PER VIEW, `decoders.image_slice` of the drawn box), and the torch reference loader with `threads` worker
 processes. A round measures each path in turn with a fresh loader: `warmup` batches (pipeline build,
 prefetch) are not counted, then `steps` batches are timed; the median, min and max over rounds are
 reported, with the thread count, the device and the environment. Nothing here asserts on speed.

@@ -75,7 +75,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # n
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
                                    make_spec, spec_from_config)
 from fastairl.data.datasets import DataError, ImageReadError  # noqa: E402
-from fastairl.pipelines.torch_ref import DualViewDataset, EpochBatchSampler, _open_rgb  # noqa: E402
+from fastairl.pipelines.torch_ref import (DualViewDataset, EpochBatchSampler, _open_rgb,  # noqa: E402
+                                          replacement_candidates)
 
 # PIL's RGB -> L conversion is (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (ITU-R 601 luma, rounded).
 # With the weights divided by 2^16 every product and partial sum is a multiple of 2^-16 below 256, so
@@ -349,6 +350,10 @@ def _view(crop, mirror, p, v: ViewSpec, finish: bool = True):
                                     mean=[255 * m for m in v.mean], std=[255 * s for s in v.std])
 
 
+# pixels as stored, like PIL's Image.open in the torch reference and FFCV: no EXIF rotation (DALI's default)
+_AS_STORED = dict(adjust_orientation=False)
+
+
 def _read(files, labels):
     return fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="reader")
 
@@ -365,16 +370,19 @@ def train_pipeline(files: Sequence[str], labels: Sequence[int], views: tuple[Vie
     jpegs, label = _read(files, labels)
     u = fn.external_source(source=lambda info: draws_of_batch(info.iteration), batch=True, batch_info=True,
                            dtype=types.FLOAT64, ndim=2)  # V x DRAWS per sample
-    shape = fn.peek_image_shape(jpegs, dtype=types.INT32)  # HxWx3, as the decoder will output it
+    shape = fn.peek_image_shape(jpegs, dtype=types.INT32, **_AS_STORED)  # HxWx3, as the decoder outputs it
     device = "mixed" if gpu else "cpu"
-    images = None if decode == "roi" else fn.decoders.image(jpegs, device=device, output_type=types.RGB)  # once
+    images = None
+    if decode == "once":
+        images = fn.decoders.image(jpegs, device=device, output_type=types.RGB, **_AS_STORED)
     outs = []
     for k, v in enumerate(views):
         start, end, mirror = crop_window(shape, u[k, :CROP_DRAWS], v)
         size = [v.crop_size, v.crop_size]
         if decode == "roi":
             roi = fn.decoders.image_slice(jpegs, start, end - start, device=device, output_type=types.RGB,
-                                          axis_names="HW", normalized_anchor=False, normalized_shape=False)
+                                          axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                                          **_AS_STORED)
             crop = fn.resize(roi, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
         else:
             crop = fn.resize(images, size=size, roi_start=start, roi_end=end, interp_type=types.INTERP_LINEAR,
@@ -403,8 +411,8 @@ def eval_pipeline(files: Sequence[str], labels: Sequence[int], crop_size: int, r
                   mean: Sequence[float], std: Sequence[float], gpu: bool = False):
     """Resize the shorter side to `resize` (bilinear, antialiased) -> centre crop -> normalise."""
     jpegs, label = _read(files, labels)
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    size = _eval_size(fn.peek_image_shape(jpegs, dtype=types.INT32), resize)
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **_AS_STORED)
+    size = _eval_size(fn.peek_image_shape(jpegs, dtype=types.INT32, **_AS_STORED), resize)
     resized = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
     hw = fn.cast(size, dtype=types.INT32)
     start = fn.stack(_centre_start(hw[0], crop_size), _centre_start(hw[1], crop_size))
@@ -542,7 +550,7 @@ class DaliTrainLoader:
         if self.files[index] not in self._bad:
             return index
         tries = DualViewDataset.MAX_TRIES
-        for j in np.random.default_rng([self.seed, epoch, index, 1]).integers(self.num_samples, size=tries).tolist():
+        for j in replacement_candidates(self.seed, epoch, index, self.num_samples, tries):
             if self.files[j] not in self._bad:
                 return j
         raise DataError(f"cannot read image {self.files[index]}: DALI cannot decode it, nor any of the {tries} "

@@ -96,6 +96,12 @@ def view_maker(spec: AugmentSpec, engine: str = "pil", finish: bool = True):
     return PILViews(spec, finish)
 
 
+def replacement_candidates(seed: int, epoch: int, index: int, num_samples: int, tries: int) -> list[int]:
+    """The samples that may stand in for an unreadable sample `index` (first readable one wins): a pure
+    function of (seed, epoch, index), so every worker, backend and resumed run picks the same one."""
+    return np.random.default_rng([seed, epoch, index, 1]).integers(num_samples, size=tries).tolist()
+
+
 class DualViewDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by (epoch, index): decodes once, returns (views, label).
 
@@ -133,8 +139,7 @@ class DualViewDataset(torch.utils.data.Dataset):
 
     def _candidates(self, epoch: int, index: int) -> Iterator[int]:
         yield index
-        yield from np.random.default_rng([self.seed, epoch, index, 1]).integers(
-            len(self.samples), size=self.MAX_TRIES).tolist()
+        yield from replacement_candidates(self.seed, epoch, index, len(self.samples), self.MAX_TRIES)
 
 
 class EpochBatchSampler:

@@ -651,6 +651,29 @@ def test_eval_loader_matches_the_torch_eval_loader(digits_root, photo_root, spli
     assert xs.shape[0] == 10 and ys.tolist() == [samples[i][1] for i in (np.arange(10) * len(samples)) // 10]
 
 
+def test_exif_orientation_is_ignored_like_the_reference(tmp_path, photo_root):
+    """Camera JPEGs carry an EXIF rotation tag; PIL's Image.open (the reference, FFCV) keeps the stored
+    pixels, and so must DALI (its decoder would rotate them by default)."""
+    from PIL import Image
+
+    samples, classes = scan_folder(photo_root / "train")
+    tagged = []
+    for k, (path, label) in enumerate(samples[:6]):
+        exif = Image.Exif()
+        exif[0x0112] = 6 if k % 2 else 8  # "rotate 90 CW / CCW to display"
+        out = tmp_path / f"exif{k}.jpg"
+        Image.open(path).save(out, quality=90, exif=exif)
+        tagged.append((str(out), label))
+    got = torch.cat([b[0] for b in D.DaliEvalLoader(tagged, classes, crop_size=S, resize=37, batch_size=8)])
+    want = torch.cat([b[0] for b in EvalLoader(tagged, classes, crop_size=S, resize=37, batch_size=8)])
+    v = ViewSpec()
+    assert np.abs(_uint8(got, v).astype(int) - _uint8(want, v)).mean() < 0.5
+    loader = D.DaliTrainLoader(tagged, classes, AugmentSpec((ONLY,)), 6)
+    loader.set_epoch(0)
+    views, _ = next(iter(loader))
+    assert views[0].shape == (6, 3, S, S)  # crop boxes drawn on the stored (unrotated) shape
+
+
 def test_seam_builds_dali_loaders(photo_root):
     cfg = _cfg(train=str(photo_root / "train"))
     spec = make_spec("byol_sym", crop_size=S)
