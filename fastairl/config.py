@@ -393,13 +393,20 @@ def _check_values(cfg: Config, sources: dict, origin: str) -> None:
     need(t.log_every > 0, "train.log_every", "must be positive")
     need(m.temperature > 0, "method.temperature", "must be positive")
     need(0.0 <= m.ema.base <= 1.0, "method.ema.base", "must be in [0, 1]")
-    need(m.loss != "infonce" or m.queue_size >= t.batch_size, "method.queue_size",
-         f"must hold at least one global batch ({t.batch_size} keys)")
+    keys_per_step = t.batch_size * (2 if m.enqueue == "both" and m.symmetric else 1)
+    need(m.loss != "infonce" or m.queue_size >= keys_per_step, "method.queue_size",
+         f"must hold the {keys_per_step} keys enqueued per step (the global batch"
+         + (", both views)" if keys_per_step > t.batch_size else ")"))
     need(m.shuffle_bn_groups >= 1, "method.shuffle_bn_groups", "must be >= 1")
+    for name, mlp in (("projector", cfg.model.projector), ("predictor", cfg.model.predictor)):
+        for dim in ("hidden_dim", "out_dim"):
+            need(getattr(mlp, dim) > 0, f"model.{name}.{dim}", "must be positive")
     need(o.base_lr > 0, "optim.base_lr", "must be positive")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
     need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    need(o.trust_coef > 0, "optim.trust_coef", "must be positive (LARS eta)")
     need(a.crop_size >= 8, "aug.crop_size", "must be >= 8")
     need(a.crop_scale is None or 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "aug.crop_scale",
          "must be (min, max) with 0 < min <= max <= 1")

@@ -85,3 +85,24 @@ def test_bench_pipeline_quick(tmp_path):
     assert report["paths"]["torch_pil"]["ratio_to_torch_pil"] == 1.0
     assert report["paths"]["opencv_device"]["engine"] == "opencv" and report["paths"]["opencv_device"]["on_device"]
     assert "x torch_pil" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_pipeline_ffcv_paths_quick(tmp_path):
+    """The FFCV paths convert the same corpus and measure both colour-op placements on a CPU: the
+    loader's OpenCV stage (the CPU default) and the on-device module run on the CPU."""
+    pytest.importorskip("ffcv")
+    pytest.importorskip("skimage")
+    out = tmp_path / "pipeline.json"
+    paths = "torch_pil,ffcv_opencv,ffcv_device"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--quick",
+                           "--paths", paths, "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["paths"]) == paths.split(",")
+    for r in report["paths"].values():
+        assert all(_finite(v) and v > 0 for v in r["img_per_s"]["repeats"]) and _finite(r["ratio_to_torch_pil"])
+    got = {name: (r["pipeline"], r["colour_ops"]) for name, r in report["paths"].items()}
+    assert got == {"torch_pil": ("torch", "loader"), "ffcv_opencv": ("ffcv", "loader"),
+                   "ffcv_device": ("ffcv", "on-device module")}

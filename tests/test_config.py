@@ -251,6 +251,11 @@ def test_override_value_is_checked_too(tmp_path):
     ("aug:\n  crop_scale: [0.8, 0.2]\n", "aug.crop_scale"),
     ("aug:\n  crop_size: 4\n", "aug.crop_size"),
     ("data:\n  workers: -1\n", "data.workers"),
+    ("method:\n  loss: infonce\n  symmetric: true\n  enqueue: both\n  queue_size: 1536\n", "method.queue_size"),
+    ("model:\n  projector:\n    out_dim: 0\n", "model.projector.out_dim"),
+    ("model:\n  predictor:\n    hidden_dim: -4\n", "model.predictor.hidden_dim"),
+    ("optim:\n  trust_coef: 0\n", "optim.trust_coef"),
+    ("optim:\n  min_lr: -1.0e-3\n", "optim.min_lr"),
     ("train:\n  resume: /no/such/ckpt.pt\n", "train.resume"),
 ])
 def test_impossible_values(tmp_path, text, key):
