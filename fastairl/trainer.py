@@ -6,6 +6,7 @@ checkpoints, exact resume), SIGTERM / SIGUSR1 (checkpoint, then `Preempted`), a 
 a dead or hung peer process (the process-group timeout, train.dist_timeout_minutes)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -417,21 +418,28 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
                          InitProcessGroupKwargs(timeout=timeout)])
     main = accelerator.is_main_process
     _set_cpu_threads(cfg, accelerator)
+    created = not run_dir.exists()
     if main:
         _check_writable(run_dir)
     accelerator.wait_for_everyone()
-    log = RunLog(run_dir, main, cfg.train.tensorboard)
     ckpts = checkpoint.RunCheckpoints(run_dir)
     world = accelerator.num_processes
     comm = HostComm(world, timeout)
     torch.manual_seed(cfg.train.seed)
 
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
-                          f"{world} processes")
-    spec = spec_from_config(cfg.aug, num_views=num_views(cfg))
-    loader = build_train_loader(cfg, spec, rank=accelerator.process_index, world_size=world,
-                                device=accelerator.device)
+    try:  # the data is checked before the run dir gets any file: a bad path leaves nothing behind
+        if cfg.train.batch_size % world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                              f"{world} processes")
+        spec = spec_from_config(cfg.aug, num_views=num_views(cfg))
+        loader = build_train_loader(cfg, spec, rank=accelerator.process_index, world_size=world,
+                                    device=accelerator.device)
+    except Exception:
+        if main and created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if still empty
+        raise
+    log = RunLog(run_dir, main, cfg.train.tensorboard)
     epochs = cfg.train.epochs
     if cfg.train.keep_iterations and cfg.data.class_fraction < 1.0:
         epochs = math.ceil(epochs / cfg.data.class_fraction)  # same number of iterations as 100 %

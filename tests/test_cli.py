@@ -63,6 +63,7 @@ def test_missing_data_dir_names_the_key_and_the_fix(recipe, tmp_path):
     missing = tmp_path / "no_such_dir"
     proc = run(train_cmd(recipe, f"data.train={missing}", "--run-dir", tmp_path / "run"), cwd=tmp_path)
     one_line_error(proc, "data.train", str(missing), "does not exist", "fastairl data digits")
+    assert not (tmp_path / "run").exists()  # no half-made run dir left behind to trip a rerun
 
 
 def test_empty_class_folder_is_named(digits_root, recipe, tmp_path):
@@ -70,6 +71,7 @@ def test_empty_class_folder_is_named(digits_root, recipe, tmp_path):
     (root / "zz_empty").mkdir()
     proc = run(train_cmd(recipe, f"data.train={root}", "--run-dir", tmp_path / "run"), cwd=tmp_path)
     one_line_error(proc, "data.train", str(root / "zz_empty"), "has no images")
+    assert not (tmp_path / "run").exists()
 
 
 # Put on PYTHONPATH, this makes `nvidia.dali` unimportable in the child, whether DALI is installed or not.
