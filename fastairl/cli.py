@@ -7,6 +7,10 @@ import argparse
 import sys
 
 from .config import ConfigError, dump_config, load_config
+from .data.datasets import ImageReadError
+
+# errors that are the user's input (config, data, run dir, checkpoint, a missing extra): one line, exit 2
+USER_ERRORS = (ConfigError, ImportError, FileNotFoundError, ValueError, ImageReadError)
 
 
 def _train_parser(prog: str = "fastairl train") -> argparse.ArgumentParser:
@@ -43,7 +47,7 @@ def train_main(argv: list[str]) -> int:
         except NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_NONFINITE
-    except (ConfigError, ImportError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -98,7 +102,7 @@ def eval_main(argv: list[str]) -> int:
         from .eval.run import evaluate
 
         evaluate(cfg, args.run_dir)
-    except (ConfigError, ImportError, FileNotFoundError, ValueError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -150,6 +150,18 @@ def test_bad_inputs_are_one_line(tmp_path, digits_root):
     assert "eval.protocol" in one_line_error(proc) and "'knn'" in one_line_error(proc)
 
 
+def test_an_unreadable_eval_image_is_one_line(tmp_path, digits_root):
+    """Evaluation reads every image once, in order: a damaged one stops it, naming the file, not a traceback."""
+    from tiny_runs import small_folder
+
+    val = small_folder(digits_root / "val", tmp_path / "val", per_class=3)
+    bad = val / "3" / "zz_truncated.jpg"
+    bad.write_bytes(next((val / "3").glob("*.jpg")).read_bytes()[:40])
+    recipe = _tiny_eval_recipe(tmp_path, digits_root, protocol="knn")
+    proc = _eval(tmp_path, recipe, f"data.val={val}", "data.class_fraction=1.0", "--checkpoint", "random")
+    assert str(bad) in one_line_error(proc)
+
+
 def _tiny_cifar(root, n_train=300, n_test=60):
     """A CIFAR-10-format pickle folder of 32x32 crops of real photos (class = photo x position)."""
     import numpy as np
