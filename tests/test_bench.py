@@ -60,28 +60,33 @@ def test_bench_step_quick(tmp_path):
     assert "bare/fastairl" in proc.stdout and "pipeline img/s" in proc.stdout  # the printed table
 
 
-@pytest.mark.slow
-def test_bench_pipeline_quick(tmp_path):
-    """Every requested path is measured (or recorded as skipped with the reason) in one report."""
-    pytest.importorskip("skimage")
-    pytest.importorskip("cv2")
+def _bench_pipeline(tmp_path, paths: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run bench_pipeline.py --quick on `paths`; every path is measured with finite, positive repeats."""
     out = tmp_path / "pipeline.json"
-    paths = "torch_pil,torch_opencv,torch_device,opencv_device"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--quick",
                            "--paths", paths, "--out", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    for key in ("python", "torch", "cpu_model", "cpu_count", "torch_threads", "opencv", "pillow"):
-        assert key in report["environment"], key
-    assert report["environment"]["torch_threads"] == 1
-    assert report["params"]["quick"] is True
     assert list(report["paths"]) == paths.split(",")
-    for name, r in report["paths"].items():
+    for r in report["paths"].values():
         s = r["img_per_s"]
         assert len(s["repeats"]) == report["params"]["repeats"]
         assert all(_finite(v) and v > 0 for v in s["repeats"]) and s["min"] <= s["median"] <= s["max"]
         assert _finite(r["ratio_to_torch_pil"])
+    return proc, report
+
+
+@pytest.mark.slow
+def test_bench_pipeline_quick(tmp_path):
+    """Every requested path is measured (or recorded as skipped with the reason) in one report."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("cv2")
+    proc, report = _bench_pipeline(tmp_path, "torch_pil,torch_opencv,torch_device,opencv_device")
+    for key in ("python", "torch", "cpu_model", "cpu_count", "torch_threads", "opencv", "pillow"):
+        assert key in report["environment"], key
+    assert report["environment"]["torch_threads"] == 1
+    assert report["params"]["quick"] is True
     assert report["paths"]["torch_pil"]["ratio_to_torch_pil"] == 1.0
     assert report["paths"]["opencv_device"]["engine"] == "opencv" and report["paths"]["opencv_device"]["on_device"]
     assert "x torch_pil" in proc.stdout
@@ -93,16 +98,7 @@ def test_bench_pipeline_ffcv_paths_quick(tmp_path):
     loader's OpenCV stage (the CPU default) and the on-device module run on the CPU."""
     pytest.importorskip("ffcv")
     pytest.importorskip("skimage")
-    out = tmp_path / "pipeline.json"
-    paths = "torch_pil,ffcv_opencv,ffcv_device"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--quick",
-                           "--paths", paths, "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert list(report["paths"]) == paths.split(",")
-    for r in report["paths"].values():
-        assert all(_finite(v) and v > 0 for v in r["img_per_s"]["repeats"]) and _finite(r["ratio_to_torch_pil"])
+    _, report = _bench_pipeline(tmp_path, "torch_pil,ffcv_opencv,ffcv_device")
     got = {name: (r["pipeline"], r["colour_ops"]) for name, r in report["paths"].items()}
     assert got == {"torch_pil": ("torch", "loader"), "ffcv_opencv": ("ffcv", "loader"),
                    "ffcv_device": ("ffcv", "on-device module")}
