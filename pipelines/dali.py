@@ -73,7 +73,7 @@ from nvidia.dali import math as dmath  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # noqa: E402
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
-                                   make_spec, spec_from_config)
+                                   jitter_ranges, make_spec, spec_from_config)
 from fastairl.data.datasets import DataError, ImageReadError  # noqa: E402
 from fastairl.pipelines.torch_ref import (DualViewDataset, EpochBatchSampler, _open_rgb,  # noqa: E402
                                           replacement_candidates)
@@ -184,8 +184,7 @@ def jitter_orders(v: ViewSpec) -> list[tuple[int, ...]]:
 def jitter_draws(v: ViewSpec, p):
     """Per-sample factors {op: factor} with sample_color's ranges, and the index of the order, from the
     view's photometric uniforms `p` (one U[0, 1) per slot, see draws())."""
-    ranges = {B: (max(0.0, 1 - v.brightness), 1 + v.brightness), C: (max(0.0, 1 - v.contrast), 1 + v.contrast),
-              S: (max(0.0, 1 - v.saturation), 1 + v.saturation), H: (-v.hue, v.hue)}
+    ranges = dict(zip((B, C, S, H), jitter_ranges(v)))
     orders = jitter_orders(v)
     factors = {op: _between(p[_FACTOR[op]], *ranges[op]) for op in (orders[0] if orders else ())}
     which = fn.cast(dmath.floor(p[_ORDER] * len(orders)), dtype=types.INT32) if len(orders) > 1 else 0

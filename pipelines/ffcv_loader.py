@@ -62,8 +62,9 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from fastairl.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ColorParams, spec_from_config
-from fastairl.data.cv_aug import cv2, finish_view
+from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ColorParams, jitter_ranges,
+                                   spec_from_config)
+from fastairl.data.cv_aug import cv2, finish_view, normalize_lut
 from fastairl.data.datasets import DataError, select_classes
 from fastairl.data.taxonomy import label_map_remap
 from fastairl.pipelines.convert import manifest_path
@@ -266,9 +267,8 @@ def draw_colors(seed, epoch, indices, ranges):
 
 def color_ranges(spec: AugmentSpec) -> np.ndarray:
     """V x 14 float64: the parameter ranges of draw_colors, as sample_color reads them from each view."""
-    return np.array([[v.jitter_p, max(0.0, 1 - v.brightness), 1 + v.brightness, max(0.0, 1 - v.contrast),
-                      1 + v.contrast, max(0.0, 1 - v.saturation), 1 + v.saturation, -v.hue, v.hue,
-                      v.gray_p, v.blur_p, *v.blur_sigma, v.solarize_p] for v in spec.views], np.float64)
+    return np.array([[v.jitter_p, *(x for r in jitter_ranges(v) for x in r), v.gray_p, v.blur_p, *v.blur_sigma,
+                      v.solarize_p] for v in spec.views], np.float64)
 
 
 def color_params(d: np.ndarray) -> ColorParams:
@@ -293,9 +293,8 @@ def normalize_batch(views, tables, out):
 
 
 def normalize_tables(spec: AugmentSpec) -> np.ndarray:
-    """V x 3 x 256 float32: (level - 255·mean) / (255·std), computed as the OpenCV engine computes it."""
-    return np.stack([((np.arange(256)[:, None] - np.array(v.mean) * 255) / (np.array(v.std) * 255))
-                     .astype(np.float32).T for v in spec.views])
+    """V x 3 x 256 float32: each view's normalisation table (cv_aug.normalize_lut, the OpenCV engine's)."""
+    return np.stack([normalize_lut(v).T for v in spec.views])
 
 
 # ---------------------------------------------------------------------------- FFCV operations

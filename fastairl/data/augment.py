@@ -132,15 +132,23 @@ class ColorParams:
     solarize: bool
 
 
+def jitter_ranges(v: ViewSpec) -> tuple[tuple[float, float], ...]:
+    """(lo, hi) of the brightness, contrast and saturation factors and of the hue shift, torchvision's
+    ColorJitter ranges; every backend draws from these."""
+    return ((max(0.0, 1 - v.brightness), 1 + v.brightness), (max(0.0, 1 - v.contrast), 1 + v.contrast),
+            (max(0.0, 1 - v.saturation), 1 + v.saturation), (-v.hue, v.hue))
+
+
 def sample_color(rng: np.random.Generator, v: ViewSpec) -> ColorParams:
+    b, c, s, h = jitter_ranges(v)
     return ColorParams(
         flip=bool(rng.random() < v.flip_p),
         jitter=bool(rng.random() < v.jitter_p),
         order=tuple(int(i) for i in rng.permutation(4)),
-        brightness=float(rng.uniform(max(0.0, 1 - v.brightness), 1 + v.brightness)),
-        contrast=float(rng.uniform(max(0.0, 1 - v.contrast), 1 + v.contrast)),
-        saturation=float(rng.uniform(max(0.0, 1 - v.saturation), 1 + v.saturation)),
-        hue=float(rng.uniform(-v.hue, v.hue)),
+        brightness=float(rng.uniform(*b)),
+        contrast=float(rng.uniform(*c)),
+        saturation=float(rng.uniform(*s)),
+        hue=float(rng.uniform(*h)),
         gray=bool(rng.random() < v.gray_p),
         blur=bool(rng.random() < v.blur_p),
         sigma=float(rng.uniform(*v.blur_sigma)),

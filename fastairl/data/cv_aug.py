@@ -140,6 +140,11 @@ def crop_resize(img: Image.Image, box: tuple[int, int, int, int], r: int, size: 
     return np.array(out)  # a writable copy (np.asarray of a PIL image is read-only)
 
 
+def normalize_lut(v: ViewSpec) -> np.ndarray:
+    """256 x 3 float32: (level - 255·mean) / (255·std) per channel, the view's normalisation of a uint8 level."""
+    return ((np.arange(256)[:, None] - np.array(v.mean) * 255) / (np.array(v.std) * 255)).astype(np.float32)
+
+
 class OpenCVViews:
     """View maker with the PIL reference's interface: (path, rng) -> tuple of views. Draws crops and
     colours in the reference's order (crop, colour per view), so the two engines see the same
@@ -149,8 +154,7 @@ class OpenCVViews:
         self.spec, self.finish = spec, finish
         cv2()  # fail early with the install line, not inside a worker
         # normalisation as a per-channel uint8 -> float32 lookup table: one pass instead of three
-        self._luts = [((np.arange(256)[:, None] - np.array(v.mean) * 255) / (np.array(v.std) * 255))
-                      .astype(np.float32).reshape(256, 1, 3) for v in spec.views]
+        self._luts = [normalize_lut(v).reshape(256, 1, 3) for v in spec.views]
 
     def __call__(self, path: str, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         def plan(w0: int, h0: int):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .augment import AugmentSpec, ViewSpec
+from .augment import AugmentSpec, ViewSpec, jitter_ranges
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -48,10 +48,7 @@ def sample_params(n: int, v: ViewSpec, generator: torch.Generator) -> BatchParam
 
     jitter = coin(v.jitter_p)
     order = torch.rand(n, 4, generator=generator, device=dev).argsort(dim=1)  # Nx4, a random permutation
-    factors = torch.stack([uniform(max(0.0, 1 - v.brightness), 1 + v.brightness),
-                           uniform(max(0.0, 1 - v.contrast), 1 + v.contrast),
-                           uniform(max(0.0, 1 - v.saturation), 1 + v.saturation),
-                           uniform(-v.hue, v.hue)], dim=1)  # Nx4
+    factors = torch.stack([uniform(*r) for r in jitter_ranges(v)], dim=1)  # Nx4
     gray, blur = coin(v.gray_p), coin(v.blur_p)
     sigma = uniform(*v.blur_sigma)
     return BatchParams(jitter, order, factors, gray, blur, sigma, coin(v.solarize_p))
