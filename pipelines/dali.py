@@ -421,16 +421,6 @@ def eval_pipeline(files: Sequence[str], labels: Sequence[int], crop_size: int, r
 
 
 # ---------------------------------------------------------------------------------------- loaders
-def _epoch_order(num_samples: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int,
-                 start_step: int) -> np.ndarray:
-    """Rank `rank`'s sample indices of steps start_step.. of `epoch`: its slice of every global batch.
-    The permutation is EpochBatchSampler's, so the batches are the same."""
-    steps = num_samples // global_batch
-    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    per_rank = perm[: steps * global_batch].reshape(steps, world_size, global_batch // world_size)
-    return per_rank[start_step:, rank].reshape(-1)
-
-
 def _device_id(device) -> Optional[int]:
     """The CUDA device index for DALI, or None for a CPU-only pipeline."""
     device = torch.device(device)
@@ -587,7 +577,7 @@ class DaliTrainLoader:
         names = [f"view{k}" for k in range(self.spec.num_views)]
         step = s.start_step
         while step < self.steps_per_epoch:  # one pass; a bad file ends it, and the next starts at its batch
-            mine = _epoch_order(self.num_samples, s.global_batch, self.world_size, self.rank, self.seed, s.epoch, step)
+            mine = s.order(s.epoch, step)  # this rank's samples of the steps left
             read = [self.source(s.epoch, i) for i in mine.tolist()]
             try:
                 for batch in _run(self._pipeline(s.epoch, mine, read), names + ["label"],

@@ -476,11 +476,7 @@ class EpochOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        b = self.batches
-        perm = np.random.default_rng([b.seed, epoch]).permutation(b.num_samples)
-        steps = perm[: b.steps_per_epoch * b.global_batch].reshape(b.steps_per_epoch, b.global_batch)
-        mine = steps[b.start_step:, b.rank * b.per_batch: (b.rank + 1) * b.per_batch].ravel()
-        return self.indices[mine].astype(np.uint64)
+        return self.indices[self.batches.order(epoch, self.batches.start_step)].astype(np.uint64)
 
 
 class _EpochThread(EpochIterator):

@@ -170,12 +170,16 @@ class EpochBatchSampler:
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, gb, pb = self.epoch, self.global_batch, self.per_batch
+    def order(self, epoch: int, start_step: int = 0) -> np.ndarray:
+        """This rank's sample indices of steps start_step.. of `epoch`, batch after batch: its slice of
+        every global batch of the (seed, epoch) permutation. Every backend reads its order from here."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        for s in range(self.start_step, self.steps_per_epoch):
-            lo = s * gb + self.rank * pb
-            yield [(epoch, int(i)) for i in perm[lo: lo + pb]]
+        steps = perm[: self.steps_per_epoch * self.global_batch].reshape(self.steps_per_epoch, self.global_batch)
+        return steps[start_step:, self.rank * self.per_batch: (self.rank + 1) * self.per_batch].ravel()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.order(self.epoch, self.start_step).reshape(-1, self.per_batch):
+            yield [(self.epoch, int(i)) for i in batch]
 
 
 def _collate(batch):
