@@ -102,3 +102,23 @@ def test_bench_pipeline_ffcv_paths_quick(tmp_path):
     got = {name: (r["pipeline"], r["colour_ops"]) for name, r in report["paths"].items()}
     assert got == {"torch_pil": ("torch", "loader"), "ffcv_opencv": ("ffcv", "loader"),
                    "ffcv_device": ("ffcv", "on-device module")}
+
+
+def test_dali_throughput_measures_only_the_paths_asked_for(tmp_path):
+    """`--paths` (a GPU thread sweep leaves out the slow CPU reference): only those paths are timed and
+    reported, with no ratio to a reference that was not run; an unknown path is one argparse error."""
+    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("skimage")
+    script = str(ROOT / "benchmarks" / "dali_throughput.py")
+    out = tmp_path / "dali.json"
+    proc = subprocess.run([sys.executable, script, "--quick", "--images", "40", "--rounds", "1",
+                           "--paths", "dali_decode_once", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert list(report["images_per_s"]) == ["dali_decode_once"] and report["ratio_to_torch_ref"] is None
+    assert _finite(report["images_per_s"]["dali_decode_once"]["median"])
+    assert report["params"]["threads"] >= 1 and report["environment"]["dali"]
+    bad = subprocess.run([sys.executable, script, "--paths", "dali_decode_once,torch", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown --paths ['torch']" in bad.stderr
