@@ -55,7 +55,7 @@ def _time_batches(loader, warmup: int, steps: int, batch: int, device: Optional[
             torch.cuda.synchronize(device)
         return steps * batch / (time.perf_counter() - t)
     finally:
-        close = getattr(it, "close", None)  # a generator (DALI): stops its pipeline now
+        close = getattr(loader, "close", None)  # DALI's loader: release its pipeline now
         if close is not None:
             close()
 

@@ -592,6 +592,9 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
             save()  # stopped mid-epoch (max_steps or a signal): resumable from here
     if progress is not None:
         progress.close()
+    release = getattr(loader, "close", None)  # DALI's loader keeps its pipeline (threads, GPU memory)
+    if release is not None:
+        release()
     if halt:
         preempted = Preempted(halt, step, run_dir / checkpoint.LAST)
         log.info(str(preempted))

@@ -35,13 +35,17 @@ only on (seed, epoch, index), as with the torch reference: not on the process la
 epoch sees the same views as the uninterrupted one, bit for bit (the torch reference draws from
 another stream: same distributions, not the same pixels).
 
-Sample order and sharding: each epoch the reader gets an explicit file list, this process's part of
-the torch reference's order (`EpochBatchSampler`: one permutation of (seed, epoch), cut into global
-batches, rank r taking its slice of every batch). Every rank therefore sees the same number of steps,
-floor(N / global batch), and the same labels as the torch backend. The reader's own `random_shuffle`
-is not used: it shuffles within a 1024-sample buffer, which on a class-sorted list gives
-near-single-class batches. The pipeline is rebuilt for every epoch (a new list), which also makes
-`set_epoch(epoch, start_step)` an exact seek: the list simply starts at step `start_step`.
+Sample order and sharding: the sample order comes from the host too, fed with the draws: batch j of
+a pipeline is the j-th of a stream that starts at some (epoch, step) and runs on through the epochs
+after it, each epoch this process's part of the torch reference's order (`EpochBatchSampler`: one
+permutation of (seed, epoch), cut into global batches, rank r taking its slice of every batch). Every
+rank therefore sees the same number of steps, floor(N / global batch), and the same labels as the
+torch backend. Files are read by `fn.io.file.read` from the paths of the stream, so one pipeline
+serves epoch after epoch, prefetching across the epoch boundary (it used to be rebuilt every epoch,
+about 4 s each on an H200, with `fn.readers.file` reading a new list). It is rebuilt only when the
+next batch asked for is not the stream's next (a resume elsewhere, a bad file): `set_epoch(epoch,
+start_step)` is an exact seek. DALI's readers are not used: `random_shuffle` shuffles within a
+1024-sample buffer, which on a class-sorted list gives near-single-class batches.
 
 Unreadable files are replaced as the torch reference replaces them. DALI stops a pipeline at the first
 file it cannot read, naming it (the decoder for a damaged image, the reader for an empty file); when it
@@ -358,17 +362,19 @@ def _read(files, labels):
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(files: Sequence[str], labels: Sequence[int], views: tuple[ViewSpec, ...], draws_of_batch,
-                   gpu: bool = False, decode: str = "once", finish: bool = True):
+def train_pipeline(batches, views: tuple[ViewSpec, ...], gpu: bool = False, decode: str = "once",
+                   finish: bool = True):
     """Decode once, one augmentation chain per ViewSpec; outputs (view_0, ..., view_k, label).
 
-    `draws_of_batch(iteration)` -> the N x V x DRAWS uniforms of that batch's samples (see draws()).
+    `batches(iteration)` -> that batch's (file paths as UTF-8 byte arrays, labels N x 1 int32, draws
+    N x V x DRAWS uniforms: see draws()); `_Stream` is the loader's.
     decode="roi" instead decodes only each view's crop (`decoders.image_slice`): one partial decode
     PER VIEW. Kept for the benchmark that compares the two (benchmarks/dali_throughput.py).
     """
-    jpegs, label = _read(files, labels)
-    u = fn.external_source(source=lambda info: draws_of_batch(info.iteration), batch=True, batch_info=True,
-                           dtype=types.FLOAT64, ndim=2)  # V x DRAWS per sample
+    paths, label, u = fn.external_source(source=lambda info: batches(info.iteration), num_outputs=3, batch=True,
+                                         batch_info=True, dtype=[types.UINT8, types.INT32, types.FLOAT64],
+                                         ndim=[1, 1, 2])  # per sample
+    jpegs = fn.io.file.read(paths)
     shape = fn.peek_image_shape(jpegs, dtype=types.INT32, **_AS_STORED)  # HxWx3, as the decoder outputs it
     device = "mixed" if gpu else "cpu"
     images = None
@@ -476,11 +482,12 @@ class _PipelineFailed(Exception):
         self.step, self.error = step, error
 
 
-def _run(pipe, names: list[str], steps: Optional[int], policy) -> Iterator[dict]:
-    """Batches (name -> tensor) of one pass of `pipe`: `steps` of them, or all (the last one partial).
-    The pipeline and its threads live as long as this generator: closing it early releases them."""
+def _run(pipe, names: list[str], steps: Optional[int], policy, reader: Optional[str] = "reader") -> Iterator[dict]:
+    """Batches (name -> tensor) of `pipe`: `steps` of them, or all (the last one partial; with no
+    `reader`, the pipeline's input never ends). The pipeline and its threads live as long as this
+    generator: closing it releases them."""
     try:
-        it = DALIGenericIterator(pipe, names, reader_name="reader", last_batch_policy=policy, auto_reset=False)
+        it = DALIGenericIterator(pipe, names, reader_name=reader, last_batch_policy=policy, auto_reset=False)
     except RuntimeError as e:  # the iterator runs the first batch already
         raise _PipelineFailed(0, e) from None
     step = 0
@@ -495,12 +502,59 @@ def _run(pipe, names: list[str], steps: Optional[int], policy) -> Iterator[dict]
         step += 1
 
 
+def _source(files: Sequence[str], bad: set, seed: int, epoch: int, index: int) -> int:
+    """The sample whose file stands for sample `index`: itself, or if its file is bad the reference's
+    replacement (DualViewDataset): the first of MAX_TRIES samples drawn from (seed, epoch, index)
+    whose file is readable. The views keep `index`'s draws; the label is the replacement's."""
+    if files[index] not in bad:
+        return index
+    tries = DualViewDataset.MAX_TRIES
+    for j in replacement_candidates(seed, epoch, index, len(files), tries):
+        if files[j] not in bad:
+            return j
+    raise DataError(f"cannot read image {files[index]}: DALI cannot decode it, nor any of the {tries} "
+                    f"samples drawn to replace it: check the training folder")
+
+
+class _Stream:
+    """What a train pipeline reads: batch j is the j-th of this process's batches from (epoch, step)
+    on, running on into the following epochs; a pure function of j, since DALI prefetches ahead.
+    Holds no reference to the loader, so a loader's pipeline goes when the loader goes."""
+
+    def __init__(self, loader: "DaliTrainLoader", epoch: int, step: int):
+        self.files, self.labels, self.bad, self.seed = loader.files, loader.labels, loader._bad, loader.seed
+        self.sampler, self.per_batch, self.num_views = loader.sampler, loader.per_batch, loader.spec.num_views
+        self.epoch, self.step = epoch, step
+        self._orders: dict[int, np.ndarray] = {}
+
+    def position(self, j: int) -> tuple[int, int]:
+        """(epoch, step) of batch j."""
+        epoch, step = divmod(self.step + j, self.sampler.steps_per_epoch)
+        return self.epoch + epoch, step
+
+    def samples(self, j: int) -> tuple[int, np.ndarray, list[int]]:
+        """(epoch, sample indices, the samples read for them) of batch j."""
+        epoch, step = self.position(j)
+        if epoch not in self._orders:  # this epoch's order, and the previous one's while it drains
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = self.sampler.order(epoch)
+        mine = self._orders[epoch][step * self.per_batch: (step + 1) * self.per_batch]
+        return epoch, mine, [_source(self.files, self.bad, self.seed, epoch, i) for i in mine.tolist()]
+
+    def __call__(self, j: int):
+        epoch, mine, read = self.samples(j)
+        paths = [np.frombuffer(self.files[r].encode(), dtype=np.uint8) for r in read]
+        labels = np.array([[self.labels[r]] for r in read], dtype=np.int32)
+        return paths, labels, draws(self.seed, epoch, mine, self.num_views)  # N x V x DRAWS
+
+
 class DaliTrainLoader:
     """The loader seam, DALI backend: yields (views: list of Nx3xHxW float32, labels: N long), on the
     GPU when `device_id` is set, else on CPU.
 
     The DALI iterator is not passed through `accelerator.prepare`: accelerate only shards torch
-    DataLoaders; this loader reads only its process's slice of every global batch.
+    DataLoaders; this loader reads only its process's slice of every global batch. One pipeline serves
+    the epochs one after another (`close()` releases it); `builds` counts the pipelines built.
     """
 
     def __init__(self, samples, classes, spec: AugmentSpec, global_batch: int, rank: int = 0,
@@ -521,6 +575,8 @@ class DaliTrainLoader:
         self.threads, self.device_id, self.decode, self.prefetch = max(1, threads), device_id, decode, prefetch
         self.uint8_views = not finish  # the seam then finishes the views on the device (aug.on_device)
         self._bad: set[str] = set()  # files DALI could not read: their samples are replaced
+        self._live = None  # (stream, batch generator, index of the next batch) of the running pipeline
+        self.builds = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_step)
@@ -533,30 +589,25 @@ class DaliTrainLoader:
         return sorted(self._bad)
 
     def source(self, epoch: int, index: int) -> int:
-        """The sample whose file stands for sample `index`: itself, or if its file is bad the reference's
-        replacement (DualViewDataset): the first of MAX_TRIES samples drawn from (seed, epoch, index)
-        whose file is readable. The views keep `index`'s draws; the label is the replacement's."""
-        if self.files[index] not in self._bad:
-            return index
-        tries = DualViewDataset.MAX_TRIES
-        for j in replacement_candidates(self.seed, epoch, index, self.num_samples, tries):
-            if self.files[j] not in self._bad:
-                return j
-        raise DataError(f"cannot read image {self.files[index]}: DALI cannot decode it, nor any of the {tries} "
-                        f"samples drawn to replace it: check the training folder")
+        """The sample read for sample `index` of `epoch` (`_source`)."""
+        return _source(self.files, self._bad, self.seed, epoch, index)
 
-    def _pipeline(self, epoch: int, mine: np.ndarray, read: list[int]):
-        pb, steps, num_views = self.per_batch, len(mine) // self.per_batch, self.spec.num_views
+    def close(self) -> None:
+        """Release the pipeline and its threads (the next iteration builds a new one)."""
+        if self._live is not None:
+            self._live[1].close()
+            self._live = None
 
-        def draws_of_batch(iteration: int):  # iterations past the pass are prefetched, never yielded
-            i = iteration % steps
-            return draws(self.seed, epoch, mine[i * pb: (i + 1) * pb], num_views)
-
-        return train_pipeline(files=[self.files[j] for j in read], labels=[self.labels[j] for j in read],
-                              views=self.spec.views, draws_of_batch=draws_of_batch, gpu=self.device_id is not None,
-                              decode=self.decode, finish=not self.uint8_views, batch_size=pb,
+    def _start(self, epoch: int, step: int) -> None:
+        self.close()
+        stream = _Stream(self, epoch, step)
+        pipe = train_pipeline(batches=stream, views=self.spec.views, gpu=self.device_id is not None,
+                              decode=self.decode, finish=not self.uint8_views, batch_size=self.per_batch,
                               num_threads=self.threads, device_id=self.device_id, seed=self.seed,
                               prefetch_queue_depth=self.prefetch)
+        names = [f"view{k}" for k in range(self.spec.num_views)] + ["label"]
+        self._live = [stream, _run(pipe, names, None, LastBatchPolicy.DROP, reader=None), 0]
+        self.builds += 1
 
     def _find_bad(self, failed: _PipelineFailed, batches: list[list[str]], where: str) -> None:
         """Add the file(s) behind a DALI failure to the bad set: the one DALI names, else those of the
@@ -573,22 +624,23 @@ class DaliTrainLoader:
         self._bad.update(found)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        s, pb = self.sampler, self.per_batch
+        s = self.sampler
         names = [f"view{k}" for k in range(self.spec.num_views)]
         step = s.start_step
-        while step < self.steps_per_epoch:  # one pass; a bad file ends it, and the next starts at its batch
-            mine = s.order(s.epoch, step)  # this rank's samples of the steps left
-            read = [self.source(s.epoch, i) for i in mine.tolist()]
+        while step < self.steps_per_epoch:
+            if self._live is None or self._live[0].position(self._live[2]) != (s.epoch, step):
+                self._start(s.epoch, step)  # first use, a seek, or after a bad file
+            stream, batches, j = self._live
             try:
-                for batch in _run(self._pipeline(s.epoch, mine, read), names + ["label"],
-                                  self.steps_per_epoch - step, LastBatchPolicy.DROP):
-                    step += 1
-                    yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
-            except _PipelineFailed as failed:
-                at = failed.step * pb
-                batches = [[self.files[j] for j in read[at + k * pb: at + (k + 1) * pb]]
-                           for k in range(self.prefetch + 2)]  # the failing batch, then the prefetched ones
-                self._find_bad(failed, batches, f"epoch {s.epoch} step {step}")
+                batch = next(batches)
+            except _PipelineFailed as failed:  # the pipeline is dead: find the file, restart at this batch
+                self._live = None
+                candidates = [[self.files[r] for r in stream.samples(j + k)[2]] for k in range(self.prefetch + 2)]
+                self._find_bad(failed, candidates, f"epoch {s.epoch} step {step}")
+                continue
+            self._live[2] = j + 1
+            step += 1
+            yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
 
 
 class DaliEvalLoader:

@@ -509,11 +509,26 @@ def test_resume_seeks_exactly_and_runs_are_reproducible(tile_samples):
     assert [lb.tolist() for _, lb in _epoch(loader, 2)] != [lb.tolist() for _, lb in full]
     other = _epoch(D.DaliTrainLoader(samples, ["x"], LIGHT, 8, seed=4), 1)
     assert not torch.equal(other[0][0][0], full[0][0][0])
-    loader.set_epoch(1, start_step=2)  # a consumer that stops early releases the pipeline
+    loader.set_epoch(1, start_step=2)  # a consumer that stops early: the next pass seeks back
     it = iter(loader)
     next(it)
     it.close()
     assert [lb.tolist() for _, lb in loader] == [lb.tolist() for _, lb in full[2:]]
+
+
+def test_one_pipeline_serves_consecutive_epochs(tile_samples):
+    # epochs read on from the prefetching pipeline are those of a fresh loader, bit for bit; only a
+    # jump (a seek, a resume elsewhere) builds a new pipeline
+    samples, spec = _indexed(tile_samples, 40), make_spec("byol_sym", crop_size=S)
+    loader = D.DaliTrainLoader(samples, ["x"], spec, 8, seed=2)
+    streamed = [_epoch(loader, e) for e in range(3)]
+    assert loader.builds == 1
+    for e in (1, 2):
+        assert _same(streamed[e], _epoch(D.DaliTrainLoader(samples, ["x"], spec, 8, seed=2), e))
+    assert _same(_epoch(loader, 1, start_step=3), streamed[1][3:]) and loader.builds == 2
+    assert _same(_epoch(loader, 2), streamed[2]) and loader.builds == 2  # 1 then 2: read on
+    loader.close()
+    assert _same(_epoch(loader, 0), streamed[0]) and loader.builds == 3
 
 
 def _same(a, b) -> bool:
