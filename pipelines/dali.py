@@ -44,16 +44,17 @@ torch backend. Files are read by `fn.io.file.read` from the paths of the stream,
 serves epoch after epoch, prefetching across the epoch boundary (it used to be rebuilt every epoch,
 about 4 s each on an H200, with `fn.readers.file` reading a new list). It is rebuilt only when the
 next batch asked for is not the stream's next (a resume elsewhere, a bad file): `set_epoch(epoch,
-start_step)` is an exact seek. DALI's readers are not used: `random_shuffle` shuffles within a
-1024-sample buffer, which on a class-sorted list gives near-single-class batches.
+start_step)` is an exact seek. The train pipeline uses no DALI reader: `readers.file`'s `random_shuffle`
+shuffles within a 1024-sample buffer, which on a class-sorted list gives near-single-class batches.
 
 Unreadable files are replaced as the torch reference replaces them. DALI stops a pipeline at the first
-file it cannot read, naming it (the decoder for a damaged image, the reader for an empty file); when it
-does not name one, the files of the failing and prefetched batches that PIL cannot read either (the
-reference's test) are taken. The loader marks the file bad and rebuilds the pipeline at the failing
-batch, with every sample of a bad file read from the reference's replacement (`source`: the first of
-16 samples drawn from (seed, epoch, index) whose file is readable; the replaced sample's draws, the
-replacement's label). `bad_files()` feeds the trainer's BadDataMonitor, so `data.max_bad_fraction`
+file it cannot read. It names empty or missing files (`File mapping failed: <path>`); for a damaged
+image DALI 2.4's decoder error names no file. Then the files of the failing and prefetched batches
+that PIL cannot read either (the reference's test) are taken: up to (prefetch + 2) x batch full PIL
+decodes on the training thread, once per damaged file. The loader marks the file bad and rebuilds the
+pipeline at the failing batch, with every sample of a bad file read from the reference's replacement
+(`source`: the first of 16 samples drawn from (seed, epoch, index) whose file is readable; the replaced
+sample's draws, the replacement's label). `bad_files()` feeds the trainer's BadDataMonitor, so `data.max_bad_fraction`
 applies. Each new bad file costs one pipeline rebuild (about a second on the CPU); a restarted process
 meets its bad files again, as the reference does. DALI's image codec also logs `[ERROR]` lines on
 stderr for each damaged image it meets (DALI_NVIMGCODEC_LOG_LEVEL does not go below errors).
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 from typing import Iterator, Optional, Sequence
 
@@ -543,7 +545,7 @@ class _Stream:
 
     def __call__(self, j: int):
         epoch, mine, read = self.samples(j)
-        paths = [np.frombuffer(self.files[r].encode(), dtype=np.uint8) for r in read]
+        paths = [np.frombuffer(os.fsencode(self.files[r]), dtype=np.uint8) for r in read]
         labels = np.array([[self.labels[r]] for r in read], dtype=np.int32)
         return paths, labels, draws(self.seed, epoch, mine, self.num_views)  # N x V x DRAWS
 
@@ -638,6 +640,9 @@ class DaliTrainLoader:
                 candidates = [[self.files[r] for r in stream.samples(j + k)[2]] for k in range(self.prefetch + 2)]
                 self._find_bad(failed, candidates, f"epoch {s.epoch} step {step}")
                 continue
+            except BaseException:  # anything else (a DataError from the stream, Ctrl-C): no half-dead pipeline
+                self.close()
+                raise
             self._live[2] = j + 1
             step += 1
             yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N

@@ -620,7 +620,9 @@ def test_no_readable_replacement_is_one_line(tmp_path, photo_root):
     with pytest.raises(DataError, match=r"^cannot read image .*junk\d.jpg: DALI cannot decode it, nor any of the 16 "
                                         r"samples drawn to replace it: check the training folder$") as e:
         _epoch(loader, 0)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and loader._live is None  # no half-dead pipeline is kept
+    with pytest.raises(DataError, match=r"nor any of the 16"):  # asked again: the same error
+        _epoch(loader, 0)
 
 
 def test_eval_loader_names_an_unreadable_file_in_one_line(tmp_path, photo_root):
