@@ -6,10 +6,12 @@ quality 75-95): DALI decoding each JPEG once for both views, DALI with ROI decod
 decode PER VIEW, `decoders.image_slice` of the drawn box), and the torch reference loader with `threads` worker
 processes. A round measures each path in turn with a fresh loader: `warmup` batches (pipeline build,
 prefetch) are not counted, then `steps` batches are timed; the median, min and max over rounds are
-reported, with the thread count, the device and the environment. Nothing here asserts on speed.
+reported, with the thread count, the device and the environment. `--paths` picks the paths (a GPU
+thread sweep leaves out the torch reference, slow and prefetch-bound there). Nothing here asserts on speed.
 
     python benchmarks/dali_throughput.py --threads 2 --out bench_out/dali.json
     python benchmarks/dali_throughput.py --quick
+    python benchmarks/dali_throughput.py --threads 8 --batch 128 --steps 20 --paths dali_decode_once
 """
 from __future__ import annotations
 
