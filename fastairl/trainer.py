@@ -213,6 +213,18 @@ class StopSignals:
         return self.comm.reduce([self.received], "max")[0]
 
 
+@contextlib.contextmanager
+def _released(loader):
+    """Release a loader that holds resources between epochs (DALI's pipeline: threads, GPU memory) when
+    training ends, normally or not, before the final evaluation."""
+    try:
+        yield
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+
+
 def _batches(loader, stop: StopSignals):
     """The loader's batches. A signal sent to the whole process group also kills the loader's worker
     processes; the loader then fails, and the epoch ends quietly at this step boundary instead."""
@@ -538,7 +550,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         progress = tqdm(total=stop_at, initial=step, dynamic_ncols=True, desc=cfg.name)
     model.train()
     halt = 0
-    with StopSignals(comm) as stop:
+    with StopSignals(comm) as stop, _released(loader):
         while step < stop_at and not halt:
             loader.set_epoch(step // spe, start_step=step % spe)
             t_data, start = time.perf_counter(), step
@@ -592,9 +604,6 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
             save()  # stopped mid-epoch (max_steps or a signal): resumable from here
     if progress is not None:
         progress.close()
-    release = getattr(loader, "close", None)  # DALI's loader keeps its pipeline (threads, GPU memory)
-    if release is not None:
-        release()
     if halt:
         preempted = Preempted(halt, step, run_dir / checkpoint.LAST)
         log.info(str(preempted))

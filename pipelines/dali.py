@@ -76,6 +76,7 @@ require("dali", "nvidia.dali")
 
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402  (after the install check)
 from nvidia.dali import math as dmath  # noqa: E402
+from nvidia.dali.pipeline import do_not_convert  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # noqa: E402
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
@@ -368,14 +369,13 @@ def train_pipeline(batches, views: tuple[ViewSpec, ...], gpu: bool = False, deco
                    finish: bool = True):
     """Decode once, one augmentation chain per ViewSpec; outputs (view_0, ..., view_k, label).
 
-    `batches(iteration)` -> that batch's (file paths as UTF-8 byte arrays, labels N x 1 int32, draws
-    N x V x DRAWS uniforms: see draws()); `_Stream` is the loader's.
+    `batches(info)` -> the batch of iteration `info.iteration`: (file paths as byte arrays, labels N x 1
+    int32, draws N x V x DRAWS uniforms: see draws()); `_Stream` is the loader's.
     decode="roi" instead decodes only each view's crop (`decoders.image_slice`): one partial decode
     PER VIEW. Kept for the benchmark that compares the two (benchmarks/dali_throughput.py).
     """
-    paths, label, u = fn.external_source(source=lambda info: batches(info.iteration), num_outputs=3, batch=True,
-                                         batch_info=True, dtype=[types.UINT8, types.INT32, types.FLOAT64],
-                                         ndim=[1, 1, 2])  # per sample
+    paths, label, u = fn.external_source(source=batches, num_outputs=3, batch=True, batch_info=True,
+                                         dtype=[types.UINT8, types.INT32, types.FLOAT64], ndim=[1, 1, 2])  # per sample
     jpegs = fn.io.file.read(paths)
     shape = fn.peek_image_shape(jpegs, dtype=types.INT32, **_AS_STORED)  # HxWx3, as the decoder outputs it
     device = "mixed" if gpu else "cpu"
@@ -543,8 +543,9 @@ class _Stream:
         mine = self._orders[epoch][step * self.per_batch: (step + 1) * self.per_batch]
         return epoch, mine, [_source(self.files, self.bad, self.seed, epoch, i) for i in mine.tolist()]
 
-    def __call__(self, j: int):
-        epoch, mine, read = self.samples(j)
+    @do_not_convert  # host code: kept out of the conditionals' AutoGraph conversion
+    def __call__(self, info):
+        epoch, mine, read = self.samples(info.iteration)
         paths = [np.frombuffer(os.fsencode(self.files[r]), dtype=np.uint8) for r in read]
         labels = np.array([[self.labels[r]] for r in read], dtype=np.int32)
         return paths, labels, draws(self.seed, epoch, mine, self.num_views)  # N x V x DRAWS
