@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PATHS = ("dali_decode_once", "dali_roi_decode", "torch_ref")  # what main() can measure, in its order
 
 
 def _summary(values: list[float]) -> dict:
@@ -124,14 +125,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--preset", default="byol_sym")
     p.add_argument("--corpus", default=None, help="corpus folder (default: next to --out)")
     p.add_argument("--out", default="bench_out/dali_throughput.json")
-    p.add_argument("--paths", default="dali_decode_once,dali_roi_decode,torch_ref",
+    p.add_argument("--paths", default=",".join(PATHS),
                    help="comma-separated paths to measure (a GPU thread sweep can leave out the CPU reference)")
     p.add_argument("--quick", action="store_true", help="120 images, crop 64, batch 8, 2 steps, 2 rounds")
     args = p.parse_args(argv)
     paths_run = args.paths.split(",")
-    unknown = sorted(set(paths_run) - {"dali_decode_once", "dali_roi_decode", "torch_ref"})
+    unknown = sorted(set(paths_run) - set(PATHS))
     if unknown:
-        p.error(f"unknown --paths {unknown}; valid: dali_decode_once, dali_roi_decode, torch_ref")
+        p.error(f"unknown --paths {unknown}; valid: {', '.join(PATHS)}")
     if args.quick:
         args.images, args.crop, args.batch, args.steps, args.rounds = 120, 64, 8, 2, 2
     torch.set_num_threads(1)  # the workers / DALI threads do the work; see bench_step.py on oversubscription

@@ -65,6 +65,7 @@ import itertools
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -484,16 +485,15 @@ class _PipelineFailed(Exception):
         self.step, self.error = step, error
 
 
-def _run(pipe, names: list[str], steps: Optional[int], policy, reader: Optional[str] = "reader") -> Iterator[dict]:
-    """Batches (name -> tensor) of `pipe`: `steps` of them, or all (the last one partial; with no
-    `reader`, the pipeline's input never ends). The pipeline and its threads live as long as this
+def _run(pipe, names: list[str], policy, reader: Optional[str] = "reader") -> Iterator[dict]:
+    """Batches (name -> tensor) of `pipe` until its reader's pass ends (the last one partial); with no
+    `reader`, the pipeline's input never ends. The pipeline and its threads live as long as this
     generator: closing it releases them."""
     try:
         it = DALIGenericIterator(pipe, names, reader_name=reader, last_batch_policy=policy, auto_reset=False)
     except RuntimeError as e:  # the iterator runs the first batch already
         raise _PipelineFailed(0, e) from None
-    step = 0
-    while steps is None or step < steps:
+    for step in itertools.count():
         try:
             batch = next(it)[0]
         except StopIteration:
@@ -501,7 +501,6 @@ def _run(pipe, names: list[str], steps: Optional[int], policy, reader: Optional[
         except RuntimeError as e:
             raise _PipelineFailed(step, e) from None
         yield batch
-        step += 1
 
 
 def _source(files: Sequence[str], bad: set, seed: int, epoch: int, index: int) -> int:
@@ -551,6 +550,14 @@ class _Stream:
         return paths, labels, draws(self.seed, epoch, mine, self.num_views)  # N x V x DRAWS
 
 
+@dataclass
+class _Live:
+    """The running pipeline: its stream, its batches, and the index of the next batch to be taken."""
+    stream: _Stream
+    batches: Iterator[dict]
+    next: int = 0
+
+
 class DaliTrainLoader:
     """The loader seam, DALI backend: yields (views: list of Nx3xHxW float32, labels: N long), on the
     GPU when `device_id` is set, else on CPU.
@@ -578,7 +585,8 @@ class DaliTrainLoader:
         self.threads, self.device_id, self.decode, self.prefetch = max(1, threads), device_id, decode, prefetch
         self.uint8_views = not finish  # the seam then finishes the views on the device (aug.on_device)
         self._bad: set[str] = set()  # files DALI could not read: their samples are replaced
-        self._live = None  # (stream, batch generator, index of the next batch) of the running pipeline
+        self._names = [f"view{k}" for k in range(spec.num_views)]
+        self._live: Optional[_Live] = None
         self.builds = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -598,7 +606,7 @@ class DaliTrainLoader:
     def close(self) -> None:
         """Release the pipeline and its threads (the next iteration builds a new one)."""
         if self._live is not None:
-            self._live[1].close()
+            self._live.batches.close()
             self._live = None
 
     def _start(self, epoch: int, step: int) -> None:
@@ -608,8 +616,7 @@ class DaliTrainLoader:
                               decode=self.decode, finish=not self.uint8_views, batch_size=self.per_batch,
                               num_threads=self.threads, device_id=self.device_id, seed=self.seed,
                               prefetch_queue_depth=self.prefetch)
-        names = [f"view{k}" for k in range(self.spec.num_views)] + ["label"]
-        self._live = [stream, _run(pipe, names, None, LastBatchPolicy.DROP, reader=None), 0]
+        self._live = _Live(stream, _run(pipe, self._names + ["label"], LastBatchPolicy.DROP, reader=None))
         self.builds += 1
 
     def _find_bad(self, failed: _PipelineFailed, batches: list[list[str]], where: str) -> None:
@@ -628,25 +635,26 @@ class DaliTrainLoader:
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         s = self.sampler
-        names = [f"view{k}" for k in range(self.spec.num_views)]
         step = s.start_step
         while step < self.steps_per_epoch:
-            if self._live is None or self._live[0].position(self._live[2]) != (s.epoch, step):
+            live = self._live
+            if live is None or live.stream.position(live.next) != (s.epoch, step):
                 self._start(s.epoch, step)  # first use, a seek, or after a bad file
-            stream, batches, j = self._live
+                live = self._live
             try:
-                batch = next(batches)
+                batch = next(live.batches)
             except _PipelineFailed as failed:  # the pipeline is dead: find the file, restart at this batch
                 self._live = None
-                candidates = [[self.files[r] for r in stream.samples(j + k)[2]] for k in range(self.prefetch + 2)]
+                candidates = [[self.files[r] for r in live.stream.samples(live.next + k)[2]]
+                              for k in range(self.prefetch + 2)]
                 self._find_bad(failed, candidates, f"epoch {s.epoch} step {step}")
                 continue
             except BaseException:  # anything else (a DataError from the stream, Ctrl-C): no half-dead pipeline
                 self.close()
                 raise
-            self._live[2] = j + 1
+            live.next += 1
             step += 1
-            yield [batch[n] for n in names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
+            yield [batch[n] for n in self._names], batch["label"].view(-1).long()  # V x Nx3xSxS, N
 
 
 class DaliEvalLoader:
@@ -679,7 +687,7 @@ class DaliEvalLoader:
         bs = self.batch_size
 
         try:
-            for batch in _run(pipe, ["images", "label"], None, LastBatchPolicy.PARTIAL):
+            for batch in _run(pipe, ["images", "label"], LastBatchPolicy.PARTIAL):
                 yield batch["images"], batch["label"].view(-1).long()  # Nx3xSxS, N
         except _PipelineFailed as failed:  # the failing batch and the ones prefetched after it
             raise _unreadable(failed.error, self.files[failed.step * bs: (failed.step + 3) * bs]) from None
