@@ -123,6 +123,34 @@ def test_linear_from_a_checkpoint_and_cached(tmp_path, digits_root, pretrained):
 
 
 @pytest.mark.slow
+def test_linear_on_two_processes_equals_one(tmp_path, digits_root, pretrained):
+    """torchrun, 2 processes (gloo): each reads half of every global batch (the keyed augmentations
+    make the halves the same images and views as one process's batch) and DDP averages the head's
+    gradients, so losses and accuracy match a one-process run of the same global batch."""
+    import sys
+
+    recipe = _tiny_eval_recipe(tmp_path, digits_root, val_every_epochs=1, epochs=3, milestones=[2],
+                              base_lr=0.1)
+    one, rows1 = _evaluate(recipe, tmp_path / "one", f"eval.checkpoint={pretrained}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *EVAL_CMD,
+           recipe, f"eval.checkpoint={pretrained}", "--run-dir", tmp_path / "two"]
+    proc = run(cmd, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    rows2 = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert one["num_processes"] == 1 and two["num_processes"] == 2 and two["batch_size"] == 64
+    assert json.loads((tmp_path / "two" / "env.json").read_text())["num_processes"] == 2
+    assert [r["epoch"] for r in rows2] == [1, 2, 3]  # rank 0 alone writes
+    for a, b in zip(rows1, rows2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["lr"] == a["lr"]
+        assert b["images"] == a["images"] > 0 and a["images"] % 64 == 0  # halves of each batch, not copies
+    assert rows1[0]["val_samples"] == two["val_samples"] > 0
+    assert rows1[0]["val_top1"] == pytest.approx(rows2[0]["val_top1"], abs=0.6)  # at most one image apart
+    assert abs(one["top1"] - two["top1"]) < 0.6 and one["val_samples"] == two["val_samples"]
+    assert rows1[-1]["loss"] < rows1[0]["loss"]  # the head learned
+
+
+@pytest.mark.slow
 def test_finetune_trains_the_backbone(tmp_path, digits_root):
     recipe = _tiny_eval_recipe(tmp_path, digits_root, protocol="finetune", epochs=1, milestones=[], base_lr=0.1)
     s, _ = _evaluate(recipe, tmp_path / "ev")

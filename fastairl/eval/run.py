@@ -4,13 +4,19 @@ dict, or random initialisation. Data comes through the loader seam, so every bac
 
 The run directory describes itself: config.yaml (resolved), env.json, metrics.jsonl (one row per
 epoch), summary.json (protocol, where the backbone came from, top-1 / top-5 or kNN accuracies).
-One process, one device (CUDA when present).
+
+Under `torchrun` / `accelerate launch` the augmented linear and fine-tuning protocols train data-parallel:
+each process reads its shard of every global batch of eval.batch_size, and DDP averages the gradients
+of the head (and, fine-tuning, of the backbone). Everything else (feature extraction for kNN and the
+cached-feature probe, the validation pass) runs whole on every process: it is a small part of the
+time, every process reaches the same numbers without communicating, and only rank 0 writes.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +26,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, dump_config
 from ..data.augment import make_spec
+from ..trainer import _set_cpu_threads
 from .features import extract, knn_accuracy
 from .protocols import eval_lr, make_optimizer, peak_lr, set_lrs, topk_correct, train_head_on_features
 
@@ -69,61 +76,92 @@ def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt) -> dict:
     return {"top1": top1, "top5": top5, "val_samples": n}
 
 
-def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, device, fmt, log, val_loader) -> None:
+def _ddp(module: nn.Module, accelerator) -> nn.Module:
+    """`module` wrapped in DDP (gradients averaged over the processes); itself in one process."""
+    if accelerator.num_processes == 1:
+        return module
+    dev = accelerator.device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, accelerator, fmt, log, val_loader) -> None:
     """Linear (frozen backbone, BN in eval mode) or fine-tuning (everything trains) on augmented
-    single views (crop + flip) from the training split, with the protocol's lr rule."""
+    single views (crop + flip) from the training split, with the protocol's lr rule; data-parallel
+    over the launched processes (eval.batch_size is the global batch)."""
     from ..pipelines import build_train_loader
 
-    e, finetune = cfg.eval, cfg.eval.protocol == "finetune"
+    e, finetune, device = cfg.eval, cfg.eval.protocol == "finetune", accelerator.device
     spec = make_spec("crop_flip", crop_size=cfg.aug.crop_size, num_views=1)
-    loader = build_train_loader(_with_batch(cfg), spec, rank=0, world_size=1, device=device)
+    loader = build_train_loader(_with_batch(cfg), spec, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes, device=device)
     groups = [{"params": list(head.parameters())}]
     if finetune:
         groups.append({"params": list(backbone.parameters()), "lr_mult": e.backbone_lr_mult})
     backbone.requires_grad_(finetune)
     opt = make_optimizer(e, groups)
+    # DDP wraps what trains (the frozen backbone has no gradients to average); the validation pass
+    # below uses the bare modules, so it needs no collective
+    train_bb = _ddp(backbone, accelerator) if finetune else backbone
+    train_head = _ddp(head, accelerator)
     spe = loader.steps_per_epoch
     for epoch in range(e.epochs):
         backbone.train(finetune)
         loader.set_epoch(epoch)
-        total, t0 = torch.zeros((), device=device), time.perf_counter()
+        total, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
         for i, (views, y) in enumerate(loader):
             set_lrs(opt, eval_lr(e, epoch * spe + i, spe))
-            x = views[0].to(device, non_blocking=True).contiguous(memory_format=fmt)  # Nx3xHxW
+            x = views[0].to(device, non_blocking=True).contiguous(memory_format=fmt)  # nx3xHxW, n = N / world
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 with torch.set_grad_enabled(finetune):
-                    f = backbone(x)  # NxF
-                loss = F.cross_entropy(head(f.float()), y)
+                    f = train_bb(x)  # nxF
+                loss = F.cross_entropy(train_head(f.float()), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach()
-        row = {"epoch": epoch + 1, "loss": float(total) / spe, "lr": eval_lr(e, epoch * spe, spe),
-               "epoch_s": time.perf_counter() - t0}
+            n += y.shape[0]
+        # summed over the processes: the mean loss of the epoch's steps, and the images they read
+        total, images = accelerator.reduce(torch.stack([total, torch.tensor(float(n), device=device)]), "sum").tolist()
+        dt = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "loss": total / (spe * accelerator.num_processes),
+               "lr": eval_lr(e, epoch * spe, spe), "epoch_s": dt, "images": int(images), "img_per_s": images / dt}
         if e.val_every_epochs and (epoch + 1) % e.val_every_epochs == 0 and epoch + 1 < e.epochs:
-            row.update({f"val_{k}": v for k, v in accuracy(backbone, head, val_loader, device, fmt).items()})
+            row.update({k if k == "val_samples" else f"val_{k}": v
+                        for k, v in accuracy(backbone, head, val_loader, device, fmt).items()})
         log(row)
 
 
 def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
     from ..pipelines import build_eval_loader
 
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
     e = cfg.eval
     if not cfg.data.val:
         raise ConfigError("eval needs data.val (the held-out split to report on)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.train.seed)
-    out = _run_dir(cfg, run_dir)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+        InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))])
+    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    _set_cpu_threads(cfg, accelerator)
+    if e.batch_size % world:
+        raise ConfigError(f"eval.batch_size={e.batch_size} (the global batch) must be divisible by the "
+                          f"{world} processes")
+    torch.manual_seed(cfg.train.seed)  # the same head on every process
+    out = _run_dir(cfg, run_dir)  # every process checks, so all stop together on a finished run dir
     backbone, source = _backbone(cfg, device)
-    env = {"torch": torch.__version__, "device": str(device),
+    env = {"torch": torch.__version__, "device": str(device), "num_processes": world,
            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
-    (out / "env.json").write_text(json.dumps(env, indent=2))
+    if main:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / "env.json").write_text(json.dumps(env, indent=2))
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl", "a") if main else None
 
     def log(row: dict) -> None:
+        if metrics is None:
+            return
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
@@ -131,7 +169,7 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
     t0 = time.perf_counter()
     val = build_eval_loader(cfg, cfg.data.val, batch_size=min(256, e.batch_size), pin_memory=device.type == "cuda")
     summary = {"protocol": e.protocol, "backbone": source, "epochs": e.epochs, "batch_size": e.batch_size,
-               "lr": peak_lr(e), "schedule": e.schedule, "cache_features": e.cache_features}
+               "num_processes": world, "lr": peak_lr(e), "schedule": e.schedule, "cache_features": e.cache_features}
     if e.protocol == "knn" or (e.protocol == "linear" and e.cache_features):
         bank = build_eval_loader(cfg, cfg.data.train, batch_size=min(256, e.batch_size))
         (bf, by), (vf, vy) = (extract(backbone, ld, device, cfg.model.channels_last) for ld in (bank, val))
@@ -147,13 +185,15 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
             summary.update(top1=100.0 * float(hits[0]) / len(vy), top5=100.0 * float(hits[1]) / len(vy))
     else:
         head = nn.Linear(backbone_dim(backbone, cfg, device), val.num_classes).to(device)
-        train_epochs(cfg, backbone, head, device, fmt, log, val)
+        train_epochs(cfg, backbone, head, accelerator, fmt, log, val)
         summary.update(accuracy(backbone, head, val, device, fmt))
     summary["time_s"] = time.perf_counter() - t0
-    metrics.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"eval {e.protocol}: " + ", ".join(f"{k} {v}" for k, v in summary.items()
-                                                if k in ("top1", "top5", "knn_top1")), flush=True)
+    if main:
+        metrics.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"eval {e.protocol}: " + ", ".join(f"{k} {v}" for k, v in summary.items()
+                                                    if k in ("top1", "top5", "knn_top1")), flush=True)
+    accelerator.wait_for_everyone()  # no process leaves while rank 0 still writes
     return summary
 
 
