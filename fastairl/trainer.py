@@ -458,6 +458,10 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     spe = loader.steps_per_epoch
     total_steps, warmup_steps = epochs * spe, round(cfg.optim.warmup_epochs * spe)
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
+    if warmup_steps >= total_steps:
+        log.info(f"warning: optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers all {epochs} epochs: the lr "
+                 f"only rises (to {peak_lr * total_steps / max(warmup_steps, 1):.3g}; peak {peak_lr:.3g}) and "
+                 f"never decays; lower optim.warmup_epochs")
 
     # on the device before the optimizer is built, so SGD can choose its fused CUDA kernel
     model = build_model(cfg, loader.num_classes, accelerator, log).to(accelerator.device)

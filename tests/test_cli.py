@@ -136,6 +136,7 @@ def test_a_tiny_run_leaves_a_self_describing_run_dir(fraction_run):
     assert sorted(logged) == [1, 2] and all(math.isfinite(v) for v in logged.values())
     classes = (fraction_run / "classes.txt").read_text().split()
     assert len(classes) == 5 and set(classes) <= {str(d) for d in range(10)}
+    assert "warmup_epochs" not in (fraction_run / "log.txt").read_text()  # 1 warm-up epoch of 2
 
 
 @pytest.mark.slow
@@ -143,10 +144,12 @@ def test_module_entry_point_and_class_subset_is_repeatable(recipe, fraction_run,
     run_dir = tmp_path / "run"
     # overrides may also follow the options
     proc = run([sys.executable, "-m", "fastairl.cli", "train", recipe, "--run-dir", run_dir,
-                "data.class_fraction=0.5", "train.max_steps=1"], cwd=tmp_path)
+                "data.class_fraction=0.5", "train.max_steps=1", "optim.warmup_epochs=3"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "classes.txt").read_text() == (fraction_run / "classes.txt").read_text()
     assert sorted(losses(run_dir)) == [1]
+    # a warm-up longer than the run is allowed, and said
+    assert "warning: optim.warmup_epochs=3 covers all 2 epochs" in (run_dir / "log.txt").read_text()
 
 
 @pytest.mark.slow
