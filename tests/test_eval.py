@@ -148,6 +148,25 @@ def test_linear_on_two_processes_equals_one(tmp_path, digits_root, pretrained):
     assert rows1[0]["val_top1"] == pytest.approx(rows2[0]["val_top1"], abs=0.6)  # at most one image apart
     assert abs(one["top1"] - two["top1"]) < 0.6 and one["val_samples"] == two["val_samples"]
     assert rows1[-1]["loss"] < rows1[0]["loss"]  # the head learned
+    # fine-tuning: DDP over the backbone too, BN statistics broadcast from rank 0 before evaluating
+    ft = _tiny_eval_recipe(tmp_path, digits_root, protocol="finetune", epochs=1, milestones=[], base_lr=0.1)
+    proc = run([*cmd[:-4], ft, "--run-dir", tmp_path / "ft"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert s["protocol"] == "finetune" and s["num_processes"] == 2 and 0 <= s["top1"] <= 100
+
+
+def test_eval_leaves_the_precision_free_for_a_later_train(tmp_path, digits_root):
+    """evaluate() sets up processes without fixing accelerate's mixed precision: a bf16 Accelerator
+    (what train() builds on a GPU) can still follow it in the same process."""
+    import sys
+
+    recipe = _tiny_eval_recipe(tmp_path, digits_root, protocol="knn", knn_k=[5])
+    code = ("import sys; from accelerate import Accelerator; from fastairl.config import load_config; "
+            "from fastairl.eval.run import evaluate; evaluate(load_config(sys.argv[1]), sys.argv[2]); "
+            "Accelerator(cpu=True, mixed_precision='bf16'); print('ok')")
+    proc = run([sys.executable, "-c", code, recipe, tmp_path / "ev"], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 @pytest.mark.slow

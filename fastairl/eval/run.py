@@ -76,24 +76,25 @@ def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt) -> dict:
     return {"top1": top1, "top5": top5, "val_samples": n}
 
 
-def _ddp(module: nn.Module, accelerator) -> nn.Module:
+def _ddp(module: nn.Module, state) -> nn.Module:
     """`module` wrapped in DDP (gradients averaged over the processes); itself in one process."""
-    if accelerator.num_processes == 1:
+    if state.num_processes == 1:
         return module
-    dev = accelerator.device
+    dev = state.device
     return nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
-def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, accelerator, fmt, log, val_loader) -> None:
+def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, log, val_loader) -> None:
     """Linear (frozen backbone, BN in eval mode) or fine-tuning (everything trains) on augmented
     single views (crop + flip) from the training split, with the protocol's lr rule; data-parallel
     over the launched processes (eval.batch_size is the global batch)."""
     from ..pipelines import build_train_loader
 
-    e, finetune, device = cfg.eval, cfg.eval.protocol == "finetune", accelerator.device
+    from accelerate.utils import reduce
+
+    e, finetune, device, world = cfg.eval, cfg.eval.protocol == "finetune", state.device, state.num_processes
     spec = make_spec("crop_flip", crop_size=cfg.aug.crop_size, num_views=1)
-    loader = build_train_loader(_with_batch(cfg), spec, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes, device=device)
+    loader = build_train_loader(_with_batch(cfg), spec, rank=state.process_index, world_size=world, device=device)
     groups = [{"params": list(head.parameters())}]
     if finetune:
         groups.append({"params": list(backbone.parameters()), "lr_mult": e.backbone_lr_mult})
@@ -101,8 +102,8 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, accelerator,
     opt = make_optimizer(e, groups)
     # DDP wraps what trains (the frozen backbone has no gradients to average); the validation pass
     # below uses the bare modules, so it needs no collective
-    train_bb = _ddp(backbone, accelerator) if finetune else backbone
-    train_head = _ddp(head, accelerator)
+    train_bb = _ddp(backbone, state) if finetune else backbone
+    train_head = _ddp(head, state)
     spe = loader.steps_per_epoch
     for epoch in range(e.epochs):
         backbone.train(finetune)
@@ -122,9 +123,12 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, accelerator,
             total += loss.detach()
             n += y.shape[0]
         # summed over the processes: the mean loss of the epoch's steps, and the images they read
-        total, images = accelerator.reduce(torch.stack([total, torch.tensor(float(n), device=device)]), "sum").tolist()
+        total, images = reduce(torch.stack([total, torch.tensor(float(n), device=device)]), "sum").tolist()
+        if finetune and world > 1:  # every process evaluates with rank 0's BN running statistics
+            for b in backbone.buffers():
+                torch.distributed.broadcast(b, 0)
         dt = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "loss": total / (spe * accelerator.num_processes),
+        row = {"epoch": epoch + 1, "loss": total / (spe * world),
                "lr": eval_lr(e, epoch * spe, spe), "epoch_s": dt, "images": int(images), "img_per_s": images / dt}
         if e.val_every_epochs and (epoch + 1) % e.val_every_epochs == 0 and epoch + 1 < e.epochs:
             row.update({k if k == "val_samples" else f"val_{k}": v
@@ -135,19 +139,22 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, accelerator,
 def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
     from ..pipelines import build_eval_loader
 
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate import PartialState
 
     e = cfg.eval
     if not cfg.data.val:
         raise ConfigError("eval needs data.val (the held-out split to report on)")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
-        InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))])
-    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
-    _set_cpu_threads(cfg, accelerator)
-    if e.batch_size % world:
+    # PartialState, not Accelerator: it fixes no mixed-precision setting, so a later in-process train()
+    # may still ask for bf16
+    state = PartialState(cpu=not torch.cuda.is_available(),
+                         timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+    device, world, main = state.device, state.num_processes, state.is_main_process
+    augmented = e.protocol == "finetune" or (e.protocol == "linear" and not e.cache_features)
+    if augmented and e.batch_size % world:
         raise ConfigError(f"eval.batch_size={e.batch_size} (the global batch) must be divisible by the "
                           f"{world} processes")
+    if world > 1:
+        _set_cpu_threads(cfg, state)  # a share of the cores each; one process keeps torch's default
     torch.manual_seed(cfg.train.seed)  # the same head on every process
     out = _run_dir(cfg, run_dir)  # every process checks, so all stop together on a finished run dir
     backbone, source = _backbone(cfg, device)
@@ -170,7 +177,7 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
     val = build_eval_loader(cfg, cfg.data.val, batch_size=min(256, e.batch_size), pin_memory=device.type == "cuda")
     summary = {"protocol": e.protocol, "backbone": source, "epochs": e.epochs, "batch_size": e.batch_size,
                "num_processes": world, "lr": peak_lr(e), "schedule": e.schedule, "cache_features": e.cache_features}
-    if e.protocol == "knn" or (e.protocol == "linear" and e.cache_features):
+    if not augmented:
         bank = build_eval_loader(cfg, cfg.data.train, batch_size=min(256, e.batch_size))
         (bf, by), (vf, vy) = (extract(backbone, ld, device, cfg.model.channels_last) for ld in (bank, val))
         summary.update(train_samples=len(by), val_samples=len(vy))
@@ -185,7 +192,7 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
             summary.update(top1=100.0 * float(hits[0]) / len(vy), top5=100.0 * float(hits[1]) / len(vy))
     else:
         head = nn.Linear(backbone_dim(backbone, cfg, device), val.num_classes).to(device)
-        train_epochs(cfg, backbone, head, accelerator, fmt, log, val)
+        train_epochs(cfg, backbone, head, state, fmt, log, val)
         summary.update(accuracy(backbone, head, val, device, fmt))
     summary["time_s"] = time.perf_counter() - t0
     if main:
@@ -193,7 +200,9 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"eval {e.protocol}: " + ", ".join(f"{k} {v}" for k, v in summary.items()
                                                     if k in ("top1", "top5", "knn_top1")), flush=True)
-    accelerator.wait_for_everyone()  # no process leaves while rank 0 still writes
+    state.wait_for_everyone()  # no process leaves while rank 0 still writes
+    if world > 1:
+        state.destroy_process_group()
     return summary
 
 
