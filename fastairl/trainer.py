@@ -364,7 +364,7 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run dir {run_dir} is not writable ({e.strerror}); set train.out_dir or --run-dir") from None
 
 
-def _set_cpu_threads(cfg: Config, accelerator) -> None:
+def set_cpu_threads(cfg: Config, accelerator) -> None:
     """On CPU, give each process its share of the cores minus its loader workers: oversubscribed
     intra-op threads made steps 5-12x slower on a 2-core machine (benchmarks/bench_step.py)."""
     if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
@@ -429,7 +429,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                          InitProcessGroupKwargs(timeout=timeout)])
     main = accelerator.is_main_process
-    _set_cpu_threads(cfg, accelerator)
+    set_cpu_threads(cfg, accelerator)
     created = not run_dir.exists()
     if main:
         _check_writable(run_dir)
@@ -460,7 +460,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
     if warmup_steps >= total_steps:
         log.info(f"warning: optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers all {epochs} epochs: the lr "
-                 f"only rises (to {peak_lr * total_steps / max(warmup_steps, 1):.3g}; peak {peak_lr:.3g}) and "
+                 f"only rises (to {lr_at(total_steps - 1, total_steps, warmup_steps, peak_lr):.3g}; peak {peak_lr:.3g}) and "
                  f"never decays; lower optim.warmup_epochs")
 
     # on the device before the optimizer is built, so SGD can choose its fused CUDA kernel

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, dump_config
 from ..data.augment import make_spec
-from ..trainer import _set_cpu_threads
+from ..trainer import set_cpu_threads
 from .features import extract, knn_accuracy
 from .protocols import eval_lr, make_optimizer, peak_lr, set_lrs, topk_correct, train_head_on_features
 
@@ -154,7 +154,7 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
         raise ConfigError(f"eval.batch_size={e.batch_size} (the global batch) must be divisible by the "
                           f"{world} processes")
     if world > 1:
-        _set_cpu_threads(cfg, state)  # a share of the cores each; one process keeps torch's default
+        set_cpu_threads(cfg, state)  # a share of the cores each; one process keeps torch's default
     torch.manual_seed(cfg.train.seed)  # the same head on every process
     out = _run_dir(cfg, run_dir)  # every process checks, so all stop together on a finished run dir
     backbone, source = _backbone(cfg, device)
