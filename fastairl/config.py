@@ -80,6 +80,7 @@ class AugConfig:
     ablation: Literal["none", "-solarize", "-blur", "-gray", "-jitter"] = "none"
     crop_size: int = 224
     crop_scale: Optional[tuple[float, float]] = None  # None: the preset's (0.08, 1) or (0.2, 1)
+    flip_p: Optional[float] = None  # None: the preset's 0.5; 0 for data whose mirror image means something else (digits, text)
     blur_kernel_frac: float = 0.1  # kernel side ~ 10 % of the crop (23 px at 224)
     # the loader only decodes, crops and flips (uint8); jitter, grayscale, blur, solarise and
     # normalisation run per sample, batched, on the training device (fastairl/data/device_aug.py).
@@ -120,6 +121,10 @@ class ProbeConfig:
     knn_max_bank: int = 50000
     final_eval: bool = False  # kNN + linear probe of the final encoder and of a random-init one
     final_linear_epochs: int = 100
+    # also evaluate both encoders with only this many labels per class (kNN + linear, the semi-supervised
+    # protocol), averaged over final_label_draws stratified draws; e.g. (10,). Empty: full labels only
+    final_labels_per_class: tuple[int, ...] = ()
+    final_label_draws: int = 5
 
 
 @dataclass
@@ -410,7 +415,12 @@ def _check_values(cfg: Config, sources: dict, origin: str) -> None:
     need(a.crop_size >= 8, "aug.crop_size", "must be >= 8")
     need(a.crop_scale is None or 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "aug.crop_scale",
          "must be (min, max) with 0 < min <= max <= 1")
+    need(a.flip_p is None or 0 <= a.flip_p <= 1, "aug.flip_p", "must be a probability in [0, 1]")
     need(d.workers >= 0, "data.workers", "must be >= 0")
+    p = cfg.probe
+    need(all(n > 0 for n in p.final_labels_per_class), "probe.final_labels_per_class",
+         "must be a list of positive integers (labels per class)")
+    need(p.final_label_draws > 0, "probe.final_label_draws", "must be positive")
     e = cfg.eval
     need(e.epochs > 0, "eval.epochs", "must be positive")
     need(e.batch_size > 0, "eval.batch_size", "must be positive")

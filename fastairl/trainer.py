@@ -653,10 +653,12 @@ def knn_monitor(cfg: Config, encoder: nn.Module, accelerator, num_classes: int) 
 
 def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: int, log: RunLog) -> dict:
     """kNN + linear probe (cached features) of the trained encoder and of a random-init encoder of
-    the same architecture: the baseline the pretraining has to beat."""
-    from .eval.features import knn_accuracy, linear_probe
+    the same architecture: the baseline the pretraining has to beat. With probe.final_labels_per_class
+    also with few labels (mean over stratified draws), where what pretraining learnt matters most."""
+    from .eval.features import few_label_eval, knn_accuracy, linear_probe
     from .models import build_backbone
 
+    p = cfg.probe
     if not cfg.data.val:
         raise ConfigError("probe.final_eval needs data.val (a held-out split)")
     torch.manual_seed(cfg.train.seed + 12345)
@@ -666,9 +668,26 @@ def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: in
     out = {}
     for name, enc in (("pretrained", model.encoder()), ("random_init", random_init)):
         (bf, by), (vf, vy) = _eval_features(cfg, enc, accelerator.device)
-        knn = knn_accuracy(bf, by, vf, vy, cfg.probe.knn_k, cfg.probe.knn_temperature, num_classes)
-        lin = linear_probe(bf, by, vf, vy, num_classes, epochs=cfg.probe.final_linear_epochs, seed=cfg.train.seed)
+        knn = knn_accuracy(bf, by, vf, vy, p.knn_k, p.knn_temperature, num_classes)
+        lin = linear_probe(bf, by, vf, vy, num_classes, epochs=p.final_linear_epochs, seed=cfg.train.seed)
         out[name] = {"knn_top1": knn, "linear_top1": lin["top1"], "linear_top5": lin["top5"]}
         log.info(f"final eval [{name}]: kNN top-1 {knn:.2f}%  linear top-1 {lin['top1']:.2f}%")
-    out["gain_over_random_init"] = {k: out["pretrained"][k] - out["random_init"][k] for k in out["pretrained"]}
+        steps = p.final_linear_epochs * -(-len(by) // 256)  # as many steps as the full-label probe
+        for n in p.final_labels_per_class:
+            try:
+                few = few_label_eval(bf, by, vf, vy, n, p.final_label_draws, p.knn_k, p.knn_temperature,
+                                     num_classes, steps, cfg.train.seed)
+            except ValueError as e:  # after training: report it, keep the run and the other numbers
+                out[name][f"{n}_per_class"] = {"error": f"probe.final_labels_per_class: {e} ({cfg.data.train})"}
+                log.info(f"warning: {out[name][f'{n}_per_class']['error']}")
+                continue
+            out[name][f"{n}_per_class"] = few
+            log.info(f"final eval [{name}], {n} labels per class ({few['draws']} draws): kNN top-1 "
+                     f"{few['knn_top1']:.2f} ± {few['knn_top1_std']:.2f}%  linear top-1 "
+                     f"{few['linear_top1']:.2f} ± {few['linear_top1_std']:.2f}%")
+    pre, rnd = out["pretrained"], out["random_init"]
+    out["gain_over_random_init"] = {k: pre[k] - rnd[k] for k in ("knn_top1", "linear_top1", "linear_top5")}
+    for key in (f"{n}_per_class" for n in p.final_labels_per_class):
+        if "error" not in pre[key]:
+            out["gain_over_random_init"][key] = {k: pre[key][k] - rnd[key][k] for k in ("knn_top1", "linear_top1")}
     return out

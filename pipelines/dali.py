@@ -81,7 +81,7 @@ from nvidia.dali.pipeline import do_not_convert  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # noqa: E402
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
-                                   jitter_ranges, make_spec, spec_from_config)
+                                   jitter_ranges, linear_train_spec, spec_from_config)
 from fastairl.data.datasets import DataError, ImageReadError  # noqa: E402
 from fastairl.pipelines.torch_ref import (DualViewDataset, EpochBatchSampler, _open_rgb,  # noqa: E402
                                           replacement_candidates)
@@ -709,7 +709,7 @@ def linear_train_loader(cfg, path: str, *, rank: int = 0, world_size: int = 1, d
     from fastairl.data.datasets import load_samples
 
     samples, classes = load_samples(cfg.data, path)
-    spec = make_spec("crop_flip", crop_size=cfg.aug.crop_size, num_views=1)
+    spec = linear_train_spec(cfg.aug)
     return DaliTrainLoader(samples, classes, spec, batch_size or cfg.train.batch_size, rank, world_size,
                            cfg.train.seed, threads=cfg.data.workers, device_id=_device_id(device))
 

@@ -11,7 +11,7 @@ import torch
 
 from fastairl.config import EvalConfig
 from fastairl.eval.protocols import eval_lr, peak_lr, topk_correct, train_head_on_features
-from tiny_runs import REPO, one_line_error, run, train_cmd, write_recipe
+from tiny_runs import REPO, one_line_error, run, small_folder, train_cmd, write_recipe
 
 EVAL_CMD = ["-m", "fastairl.cli", "eval"]
 
@@ -85,6 +85,35 @@ def pretrained(digits_root, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_training_ends_by_evaluating_both_encoders_with_all_and_with_few_labels(tmp_path, digits_root):
+    from fastairl.config import load_config
+    from fastairl.trainer import train
+
+    train_dir = small_folder(digits_root / "train", tmp_path / "train", 12)
+    val_dir = small_folder(digits_root / "val", tmp_path / "val", 5)
+    recipe = write_recipe(tmp_path / "r.yaml", train_dir, base="byol_sgd.yaml", data={"val": str(val_dir)},
+                          train={"epochs": 1},
+                          probe={"final_eval": True, "final_linear_epochs": 5, "final_labels_per_class": [3, 13],
+                                 "final_label_draws": 2})
+    summary = train(load_config(recipe), tmp_path / "run")
+    fe = summary["final_eval"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_eval"] == fe
+    for enc in ("pretrained", "random_init"):
+        few = fe[enc]["3_per_class"]
+        assert (few["labelled"], few["draws"]) == (30, 2)
+        assert 0.0 <= few["knn_top1"] <= 100.0 and 0.0 <= few["linear_top1"] <= 100.0
+        # 13 per class is more than the 12 a class holds: said, and the rest of the evaluation is kept
+        assert "probe.final_labels_per_class" in fe[enc]["13_per_class"]["error"]
+        assert "only 12 samples" in fe[enc]["13_per_class"]["error"]
+    gain = fe["gain_over_random_init"]
+    for k in ("knn_top1", "linear_top1"):
+        assert gain[k] == pytest.approx(fe["pretrained"][k] - fe["random_init"][k])
+        assert gain["3_per_class"][k] == pytest.approx(fe["pretrained"]["3_per_class"][k] - fe["random_init"]["3_per_class"][k])
+    assert "13_per_class" not in gain
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "[random_init], 3 labels per class (2 draws)" in log and "warning: probe.final_labels_per_class" in log
+
+
 def test_knn_from_random_init(tmp_path, digits_root):
     proc = _eval(tmp_path, _tiny_eval_recipe(tmp_path, digits_root, protocol="knn", knn_k=[5, 20]))
     assert proc.returncode == 0, proc.stderr[-3000:]

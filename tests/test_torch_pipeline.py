@@ -82,6 +82,22 @@ def test_ablation_levels_are_cumulative(preset):
     assert [getattr(last, f) for f in fields.values()] == [getattr(crop_flip, f) for f in fields.values()]
 
 
+def test_flip_p_overrides_the_preset_for_pretraining_and_linear_evaluation():
+    """aug.flip_p (digits, text: a mirror image is another symbol) reaches every view's ViewSpec, which
+    all backends read, and the linear-evaluation view; nothing else changes."""
+    from fastairl.config import ConfigError, load_config
+    from fastairl.data.augment import linear_train_spec, spec_from_config
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "byol_lars.yaml"
+    cfg = load_config(recipe, ["aug.flip_p=0", "aug.crop_size=32"])
+    for got, preset in ((spec_from_config(cfg.aug), "byol_sym"), (linear_train_spec(cfg.aug), "crop_flip")):
+        for v, ref in zip(got.views, make_spec(preset, crop_size=32).views):
+            assert v == replace(ref, flip_p=0.0)
+    assert spec_from_config(load_config(recipe).aug).views[0].flip_p == 0.5
+    with pytest.raises(ConfigError, match="aug.flip_p.*in \\[0, 1\\]"):
+        load_config(recipe, ["aug.flip_p=1.5"])
+
+
 # ------------------------------------------------------------------------------------- augment_view
 def test_augment_view_shape_and_determinism(photo):
     v = make_spec("byol_sym", crop_size=48).views[0]

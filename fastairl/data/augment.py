@@ -69,7 +69,7 @@ _ABLATE = {"-solarize": dict(solarize_p=0.0), "-blur": dict(blur_p=0.0), "-gray"
 
 def make_spec(preset: str = "byol_sym", ablation: str = "none", crop_size: int = 224,
               crop_scale: tuple[float, float] | None = None, blur_kernel_frac: float = 0.1,
-              num_views: int = 2) -> AugmentSpec:
+              num_views: int = 2, flip_p: float | None = None) -> AugmentSpec:
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {sorted(PRESETS)}")
     if ablation != "none" and ablation not in ABLATION_ORDER:
@@ -77,6 +77,8 @@ def make_spec(preset: str = "byol_sym", ablation: str = "none", crop_size: int =
     changes = dict(crop_size=crop_size, blur_kernel_frac=blur_kernel_frac)
     if crop_scale is not None:
         changes["crop_scale"] = tuple(crop_scale)
+    if flip_p is not None:
+        changes["flip_p"] = float(flip_p)
     if ablation != "none":
         for level in ABLATION_ORDER[: ABLATION_ORDER.index(ablation) + 1]:
             changes.update(_ABLATE[level])
@@ -86,7 +88,13 @@ def make_spec(preset: str = "byol_sym", ablation: str = "none", crop_size: int =
 
 def spec_from_config(aug_cfg, num_views: int = 2) -> AugmentSpec:
     return make_spec(aug_cfg.preset, aug_cfg.ablation, aug_cfg.crop_size, aug_cfg.crop_scale,
-                     aug_cfg.blur_kernel_frac, num_views)
+                     aug_cfg.blur_kernel_frac, num_views, aug_cfg.flip_p)
+
+
+def linear_train_spec(aug_cfg) -> AugmentSpec:
+    """The labelled training view of linear evaluation / fine-tuning: random-resized crop and flip
+    (aug.flip_p, when set, applies here too) at aug.crop_size."""
+    return make_spec("crop_flip", crop_size=aug_cfg.crop_size, num_views=1, flip_p=aug_cfg.flip_p)
 
 
 # --------------------------------------------------------------- parameter samplers (all backends)

@@ -37,14 +37,23 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, temperature: flo
     return 100.0 * correct / test_f.shape[0]
 
 
-def linear_probe(train_f, train_y, test_f, test_y, num_classes: int | None = None, epochs: int = 100,
-                 lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0) -> dict:
-    """Logistic regression on cached, standardised features (SGD momentum, cosine lr); top-1/5 in %."""
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+def standardise(train_f, *others):
+    """Zero mean, unit variance per feature with `train_f`'s statistics, applied to every tensor given."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    xtr, xte = (train_f - mean) / std, (test_f - mean) / std
+    return tuple((f - mean) / std for f in (train_f, *others))
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes: int | None = None, epochs: int = 100,
+                 lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
+                 standardised: bool = False) -> dict:
+    """Logistic regression on cached, standardised features (SGD momentum, cosine lr); top-1/5 in %.
+    `standardised=True`: the caller already standardised both (with statistics it chose)."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    xtr, xte = (train_f, test_f) if standardised else standardise(train_f, test_f)
     g = torch.Generator().manual_seed(seed)
-    head = nn.Linear(xtr.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # the head's init follows `seed`, not the caller's stream
+        torch.manual_seed(seed)
+        head = nn.Linear(xtr.shape[1], num_classes)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps = epochs * max(1, -(-xtr.shape[0] // batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -62,3 +71,38 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes: int | None = Non
         top5 = logits.topk(min(5, num_classes), dim=1).indices
         return {"top1": 100.0 * (top5[:, 0] == test_y).float().mean().item(),
                 "top5": 100.0 * (top5 == test_y[:, None]).any(1).float().mean().item()}
+
+
+def few_label_subsets(labels: torch.Tensor, per_class: int, draws: int, seed: int = 0) -> list[torch.Tensor]:
+    """`draws` stratified index sets, each holding `per_class` random samples of every class present
+    (draw d depends only on seed + d, so a longer list of draws starts with the shorter one)."""
+    classes = labels.unique().tolist()
+    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    smallest = min(len(m) for m in members)
+    if per_class > smallest:
+        raise ValueError(f"{per_class} labels per class asked for, but a class has only {smallest} samples")
+    out = []
+    for d in range(draws):
+        g = torch.Generator().manual_seed(seed + d)
+        out.append(torch.cat([m[torch.randperm(len(m), generator=g)[:per_class]] for m in members]).sort().values)
+    return out
+
+
+def few_label_eval(train_f, train_y, test_f, test_y, per_class: int, draws: int = 5, k: int = 20,
+                   temperature: float = 0.07, num_classes: int | None = None, linear_steps: int = 300,
+                   seed: int = 0) -> dict:
+    """kNN and linear probe that see `per_class` labelled samples per class (the semi-supervised
+    protocol), mean and std over `draws` stratified draws. Every training feature is unlabelled data
+    the encoder has seen, so standardisation uses all of them; the probe takes `linear_steps` full-batch
+    steps whatever the subset size."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    ztr, zte = standardise(train_f, test_f)
+    knn, lin = [], []
+    for d, idx in enumerate(few_label_subsets(train_y, per_class, draws, seed)):
+        knn.append(knn_accuracy(train_f[idx], train_y[idx], test_f, test_y, min(k, len(idx)), temperature, num_classes))
+        lin.append(linear_probe(ztr[idx], train_y[idx], zte, test_y, num_classes, epochs=linear_steps,
+                                batch_size=len(idx), seed=seed + d, standardised=True)["top1"])
+    knn_t, lin_t = torch.tensor(knn), torch.tensor(lin)
+    return {"knn_top1": knn_t.mean().item(), "knn_top1_std": knn_t.std(unbiased=False).item(),
+            "linear_top1": lin_t.mean().item(), "linear_top1_std": lin_t.std(unbiased=False).item(),
+            "labelled": per_class * len(train_y.unique()), "draws": draws}

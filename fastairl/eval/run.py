@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, dump_config
-from ..data.augment import make_spec
+from ..data.augment import linear_train_spec
 from ..trainer import set_cpu_threads
 from .features import extract, knn_accuracy
 from .protocols import eval_lr, make_optimizer, peak_lr, set_lrs, topk_correct, train_head_on_features
@@ -93,7 +93,7 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, 
     from accelerate.utils import reduce
 
     e, finetune, device, world = cfg.eval, cfg.eval.protocol == "finetune", state.device, state.num_processes
-    spec = make_spec("crop_flip", crop_size=cfg.aug.crop_size, num_views=1)
+    spec = linear_train_spec(cfg.aug)
     loader = build_train_loader(_with_batch(cfg), spec, rank=state.process_index, world_size=world, device=device)
     groups = [{"params": list(head.parameters())}]
     if finetune:
