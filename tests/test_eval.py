@@ -185,6 +185,20 @@ def test_linear_on_two_processes_equals_one(tmp_path, digits_root, pretrained):
     assert s["protocol"] == "finetune" and s["num_processes"] == 2 and 0 <= s["top1"] <= 100
 
 
+@pytest.mark.slow
+def test_accelerate_launch_runs_eval(tmp_path, digits_root):
+    """`accelerate launch -m fastairl.cli eval ...` (one CPU process here: more need torchrun, above)."""
+    import sys
+
+    recipe = _tiny_eval_recipe(tmp_path, digits_root, protocol="knn", knn_k=[5])
+    proc = run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "1",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m",
+                "fastairl.cli", "eval", recipe, "--run-dir", tmp_path / "ev"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert s["protocol"] == "knn" and s["num_processes"] == 1 and 10.0 < s["knn_top1"]["5"] <= 100.0
+
+
 def test_eval_leaves_the_precision_free_for_a_later_train(tmp_path, digits_root):
     """evaluate() sets up processes without fixing accelerate's mixed precision: a bf16 Accelerator
     (what train() builds on a GPU) can still follow it in the same process."""
