@@ -629,23 +629,26 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def _eval_features(cfg: Config, encoder: nn.Module, device, max_bank: int | None = None):
+def _eval_features(cfg: Config, encoder: nn.Module, device, max_bank: int | None = None, procs=None):
+    """Bank (training split) and validation features; with `procs` (the Accelerator) every process
+    extracts its share of both and all get every row."""
     from fastairl.pipelines import build_eval_loader
 
     from .eval.features import extract
 
-    bank = build_eval_loader(cfg, cfg.data.train, max_samples=max_bank)
-    val = build_eval_loader(cfg, cfg.data.val)
-    return extract(encoder, bank, device, cfg.model.channels_last), extract(encoder, val, device, cfg.model.channels_last)
+    shard = dict(rank=procs.process_index, world_size=procs.num_processes) if procs is not None else {}
+    bank = build_eval_loader(cfg, cfg.data.train, max_samples=max_bank, **shard)
+    val = build_eval_loader(cfg, cfg.data.val, **shard)
+    return tuple(extract(encoder, ld, device, cfg.model.channels_last, procs) for ld in (bank, val))
 
 
 def knn_monitor(cfg: Config, encoder: nn.Module, accelerator, num_classes: int) -> float | None:
-    """Epoch-end kNN top-1 on the held-out split (main process; the others wait)."""
+    """Epoch-end kNN top-1 on the held-out split: every process encodes its share, the main one votes."""
     from .eval.features import knn_accuracy
 
+    (bf, by), (vf, vy) = _eval_features(cfg, encoder, accelerator.device, cfg.probe.knn_max_bank, accelerator)
     acc = None
     if accelerator.is_main_process:
-        (bf, by), (vf, vy) = _eval_features(cfg, encoder, accelerator.device, cfg.probe.knn_max_bank)
         acc = knn_accuracy(bf, by, vf, vy, cfg.probe.knn_k, cfg.probe.knn_temperature, num_classes)
     accelerator.wait_for_everyone()
     return acc

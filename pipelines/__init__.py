@@ -3,7 +3,7 @@
 Every backend is a module `fastairl.pipelines.<name>` with two functions:
 
     train_loader(cfg, spec, *, rank, world_size, device) -> train loader
-    eval_loader(cfg, path, *, max_samples, batch_size, pin_memory) -> eval loader
+    eval_loader(cfg, path, *, max_samples, batch_size, pin_memory, rank, world_size) -> eval loader
 
 A train loader has `steps_per_epoch`, `num_classes`, `classes`, `set_epoch(epoch, start_step=0)` (call
 it before each epoch), `__len__` (steps left in the epoch) and yields
@@ -11,7 +11,8 @@ it before each epoch), `__len__` (steps left in the epoch) and yields
 `uint8_views = True` and yields uint8 views instead; the seam then wraps it in
 `fastairl.data.device_aug.DeviceAugLoader`, which runs the rest of the AugmentSpec (jitter, grayscale,
 blur, solarise, normalise) per sample on the training device. An eval loader yields
-`(images: Nx3xHxW float32, labels: N int64)` in sample order.
+`(images: Nx3xHxW float32, labels: N int64)` in sample order; with `world_size` > 1 it reads only the
+process's strided share (`fastairl.data.datasets.eval_indices`).
 
 Backends with heavy dependencies (DALI, FFCV) are imported only when asked for, behind
 `fastairl.extras.require`, so a missing extra is one clear error.
@@ -67,11 +68,11 @@ def build_train_loader(cfg, spec, *, rank: int, world_size: int, device):
 
 
 def build_eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None,
-                      batch_size: int = 256, pin_memory: bool = False):
+                      batch_size: int = 256, pin_memory: bool = False, rank: int = 0, world_size: int = 1):
     from fastairl.data.datasets import DataError
 
     if cfg.data.source == "synthetic":
         raise DataError("data.source is synthetic: there are no images to evaluate on; set "
                         "probe.knn_every_epochs: 0 and probe.final_eval: false")
-    return backend(cfg.data.pipeline).eval_loader(cfg, path, max_samples=max_samples,
-                                                  batch_size=batch_size, pin_memory=pin_memory)
+    return backend(cfg.data.pipeline).eval_loader(cfg, path, max_samples=max_samples, batch_size=batch_size,
+                                                  pin_memory=pin_memory, rank=rank, world_size=world_size)

@@ -82,7 +82,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # n
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
                                    jitter_ranges, linear_train_spec, spec_from_config)
-from fastairl.data.datasets import DataError, ImageReadError  # noqa: E402
+from fastairl.data.datasets import DataError, ImageReadError, eval_indices  # noqa: E402
 from fastairl.pipelines.torch_ref import (DualViewDataset, EpochBatchSampler, _open_rgb,  # noqa: E402
                                           replacement_candidates)
 
@@ -660,20 +660,18 @@ class DaliTrainLoader:
 class DaliEvalLoader:
     """Deterministic evaluation through DALI: shorter side -> `resize`, centre crop `crop_size`,
     normalise; yields (images Nx3xHxW float32, labels N long) in sample order, the last batch partial.
-    `max_samples` keeps the evenly spaced subset of the torch EvalLoader."""
+    `max_samples` and `rank`/`world_size` select the samples as the torch EvalLoader does."""
 
     def __init__(self, samples, classes, *, crop_size: int, resize: int, batch_size: int = 256,
                  threads: int = 1, max_samples: Optional[int] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 device_id: Optional[int] = None):
+                 device_id: Optional[int] = None, rank: int = 0, world_size: int = 1):
         samples = list(samples)
-        if max_samples is not None and max_samples < len(samples):
-            keep = (np.arange(max_samples) * len(samples)) // max_samples
-            samples = [samples[i] for i in keep]
+        samples = [samples[i] for i in eval_indices(len(samples), max_samples, rank, world_size)]
         self.files = [path for path, _ in samples]
         self.labels = [label for _, label in samples]
         self.classes = list(classes)
         self.num_classes = len(self.classes)
-        self.crop_size, self.resize, self.batch_size = crop_size, resize, min(batch_size, len(samples))
+        self.crop_size, self.resize, self.batch_size = crop_size, resize, max(1, min(batch_size, len(samples)))
         self.mean, self.std = tuple(mean), tuple(std)
         self.threads, self.device_id = max(1, threads), device_id
 
@@ -681,6 +679,8 @@ class DaliEvalLoader:
         return math.ceil(len(self.files) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.files:  # a process's share of fewer samples than processes
+            return
         pipe = eval_pipeline(files=self.files, labels=self.labels, crop_size=self.crop_size, resize=self.resize,
                              mean=self.mean, std=self.std, gpu=self.device_id is not None,
                              batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, seed=0)
@@ -715,7 +715,7 @@ def linear_train_loader(cfg, path: str, *, rank: int = 0, world_size: int = 1, d
 
 
 def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, batch_size: int = 256,
-                pin_memory: bool = False) -> DaliEvalLoader:
+                pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DaliEvalLoader:
     """`pin_memory` is unused: on a GPU the batches are decoded and produced on the current device."""
     from fastairl.data.datasets import load_samples
     from fastairl.pipelines import eval_resize
@@ -725,4 +725,4 @@ def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, 
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     return DaliEvalLoader(samples, classes, crop_size=cfg.aug.crop_size, resize=eval_resize(cfg),
                           batch_size=batch_size, threads=cfg.data.workers, max_samples=max_samples,
-                          mean=v.mean, std=v.std, device_id=device_id)
+                          mean=v.mean, std=v.std, device_id=device_id, rank=rank, world_size=world_size)

@@ -65,7 +65,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ColorParams, jitter_ranges,
                                    spec_from_config)
 from fastairl.data.cv_aug import cv2, finish_view, normalize_lut
-from fastairl.data.datasets import DataError, select_classes
+from fastairl.data.datasets import DataError, eval_indices, select_classes
 from fastairl.data.taxonomy import label_map_remap
 from fastairl.pipelines.convert import manifest_path
 from fastairl.pipelines.torch_ref import EpochBatchSampler
@@ -666,31 +666,32 @@ class FFCVTrainLoader:
 class FFCVEvalLoader:
     """Deterministic evaluation over a .beton: shorter side resized to `resize`, centre `crop_size`
     crop, normalised; yields (images N x 3 x S x S float32, labels N int64) in sample order.
-    `max_samples` keeps an evenly spaced subset, like the torch EvalLoader."""
+    `max_samples` and `rank`/`world_size` select the samples as the torch EvalLoader does."""
 
     def __init__(self, data: BetonFile, *, crop_size: int, resize: int, batch_size: int = 256,
                  workers: int = 1, max_samples: Optional[int] = None, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD):
-        indices = data.indices
-        if max_samples is not None and max_samples < len(indices):
-            indices = indices[(np.arange(max_samples) * len(indices)) // max_samples]
+                 std=IMAGENET_STD, rank: int = 0, world_size: int = 1):
+        indices = data.indices[eval_indices(len(data.indices), max_samples, rank, world_size)]
         self.data, self.indices = data, indices
         self.classes = data.classes
         self.num_classes = len(self.classes)
         self.mean = torch.tensor(mean, dtype=torch.float32).mul(255.0).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).mul(255.0).view(1, 3, 1, 1)
-        self.batch_size = batch_size
-        with _torch_threads_kept():
-            self.loader = _Loader(
-                str(data.path), batch_size=batch_size, num_workers=_threads(workers),
-                order=OrderOption.SEQUENTIAL, indices=indices, drop_last=False, batches_ahead=2,
-                pipelines={"image": [DecodeOnce(), CentreCrop(crop_size, resize)],
-                           "label": [IntDecoder(), ToTensor()]})
+        self.batch_size, self.loader = batch_size, None
+        if len(indices):  # a process's share of fewer samples than processes may be empty
+            with _torch_threads_kept():
+                self.loader = _Loader(
+                    str(data.path), batch_size=batch_size, num_workers=_threads(workers),
+                    order=OrderOption.SEQUENTIAL, indices=indices, drop_last=False, batches_ahead=2,
+                    pipelines={"image": [DecodeOnce(), CentreCrop(crop_size, resize)],
+                               "label": [IntDecoder(), ToTensor()]})
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self):
+        if self.loader is None:
+            return
         with _torch_threads_kept():
             batches = iter(self.loader)
         try:
@@ -717,7 +718,7 @@ def train_loader(cfg, spec: AugmentSpec, *, rank: int, world_size: int, device) 
 
 
 def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, batch_size: int = 256,
-                pin_memory: bool = False) -> FFCVEvalLoader:
+                pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> FFCVEvalLoader:
     """The seam's eval loader; `pin_memory` is not used: every batch is a fresh CPU tensor."""
     from fastairl.pipelines import eval_resize
 
@@ -728,4 +729,4 @@ def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, 
     data = BetonFile(path, key, cfg.data.class_fraction, cfg.data.class_seed, cfg.data.label_map)
     return FFCVEvalLoader(data, crop_size=cfg.aug.crop_size, resize=eval_resize(cfg),
                           batch_size=batch_size, workers=cfg.data.workers, max_samples=max_samples,
-                          mean=v.mean, std=v.std)
+                          mean=v.mean, std=v.std, rank=rank, world_size=world_size)

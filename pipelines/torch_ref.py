@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec, sample_color,
                                    sample_crop, sample_rng, spec_from_config)
-from fastairl.data.datasets import ImageReadError
+from fastairl.data.datasets import ImageReadError, eval_indices
 
 _JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)
@@ -240,15 +240,14 @@ class _EvalDataset(torch.utils.data.Dataset):
 class EvalLoader:
     """Deterministic evaluation: resize the shorter side to `resize`, centre-crop `crop_size`,
     normalise; yields (images Nx3xHxW float32, labels N long) in sample order. `max_samples` keeps an
-    evenly spaced subset (class-balanced when the samples are sorted by class)."""
+    evenly spaced subset (class-balanced when the samples are sorted by class); `rank`/`world_size`
+    read this process's strided share of it (fastairl.data.datasets.eval_indices)."""
 
     def __init__(self, samples, classes, *, crop_size: int, resize: int, batch_size: int = 256,
                  workers: int = 0, max_samples: Optional[int] = None, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, pin_memory: bool = False):
+                 std=IMAGENET_STD, pin_memory: bool = False, rank: int = 0, world_size: int = 1):
         samples = list(samples)
-        if max_samples is not None and max_samples < len(samples):
-            keep = (np.arange(max_samples) * len(samples)) // max_samples
-            samples = [samples[i] for i in keep]
+        samples = [samples[i] for i in eval_indices(len(samples), max_samples, rank, world_size)]
         self.samples = samples
         self.classes = list(classes)
         self.num_classes = len(self.classes)
@@ -310,7 +309,7 @@ def train_loader(cfg, spec: AugmentSpec, *, rank: int, world_size: int, device) 
 
 
 def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, batch_size: int = 256,
-                pin_memory: bool = False) -> EvalLoader:
+                pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> EvalLoader:
     from fastairl.data.datasets import load_samples
     from fastairl.pipelines import eval_resize
 
@@ -318,4 +317,4 @@ def eval_loader(cfg, path: Optional[str], *, max_samples: Optional[int] = None, 
     samples, classes = load_samples(cfg.data, path)
     return EvalLoader(samples, classes, crop_size=cfg.aug.crop_size, resize=eval_resize(cfg),
                       batch_size=batch_size, workers=cfg.data.workers, max_samples=max_samples,
-                      mean=v.mean, std=v.std, pin_memory=pin_memory)
+                      mean=v.mean, std=v.std, pin_memory=pin_memory, rank=rank, world_size=world_size)

@@ -90,10 +90,27 @@ def test_mocov2plus_two_processes_share_the_queue(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_byol_two_processes_stay_identical(tmp_path, images):
-    recipe = write_recipe(tmp_path / "tiny.yaml", images, base="byol_sgd.yaml", method={"bn": "sync"})
+def test_byol_two_processes_stay_identical(tmp_path, images, digits_root):
+    val = small_folder(digits_root / "val", tmp_path / "val", per_class=3)
+    recipe = write_recipe(tmp_path / "tiny.yaml", images, base="byol_sgd.yaml", method={"bn": "sync"},
+                          data={"val": str(val)}, probe={"knn_every_epochs": 1})
     run_dir, ranks, ckpt = _torchrun(tmp_path, recipe)
     _check_lockstep_and_shards(run_dir, ranks, ckpt)
     assert "queue" not in ckpt["model"] and all(r["keys"] == [] for r in ranks)
     # bn=sync needs CUDA: on CPU the run says so and keeps per-process BN
     assert "SyncBatchNorm needs CUDA" in (run_dir / "log.txt").read_text()
+
+    # the epoch-end kNN monitor: each process encoded half of the bank and of the validation split; the
+    # gathered features give the kNN of one process encoding everything (the epoch ended at the last step)
+    from fastairl.analysis.checkpoints import load_backbone
+    from fastairl.config import load_config
+    from fastairl.eval.features import extract, knn_accuracy
+    from fastairl.pipelines import build_eval_loader
+
+    (knn,) = json.loads((run_dir / "summary.json").read_text())["knn"]
+    cfg = load_config(recipe)
+    net = load_backbone(run_dir / "last.pt").net
+    (bf, by), (vf, vy) = (extract(net, build_eval_loader(cfg, p), "cpu") for p in (str(images), str(val)))
+    assert (len(by), len(vy)) == (50, 30)
+    want = knn_accuracy(bf, by, vf, vy, cfg.probe.knn_k, cfg.probe.knn_temperature, 10)
+    assert knn["epoch"] == 1 and knn["top1"] == pytest.approx(want, abs=100 / 30 + 1e-6)  # at most one image

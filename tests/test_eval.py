@@ -199,6 +199,28 @@ def test_accelerate_launch_runs_eval(tmp_path, digits_root):
     assert s["protocol"] == "knn" and s["num_processes"] == 1 and 10.0 < s["knn_top1"]["5"] <= 100.0
 
 
+@pytest.mark.slow
+def test_knn_and_cached_linear_on_two_processes_equal_one(tmp_path, digits_root, pretrained):
+    """torchrun, 2 processes: each encodes half of the bank and of the validation split; the gathered
+    features, back in sample order, give what one process gives (the cached probe's shuffles depend on
+    that order)."""
+    import sys
+
+    runs = {"knn": ["eval.protocol=knn", "eval.knn_k=[5,20]"], "cached": ["eval.cache_features=true"]}
+    for name, overrides in runs.items():
+        recipe = _tiny_eval_recipe(tmp_path, digits_root)
+        one, _ = _evaluate(recipe, tmp_path / f"{name}1", f"eval.checkpoint={pretrained}", *overrides)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *EVAL_CMD,
+               recipe, f"eval.checkpoint={pretrained}", *overrides, "--run-dir", tmp_path / f"{name}2"]
+        proc = run(cmd, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two = json.loads((tmp_path / f"{name}2" / "summary.json").read_text())
+        assert two["num_processes"] == 2 and (two["train_samples"], two["val_samples"]) == \
+            (one["train_samples"], one["val_samples"])
+        for key in ("knn_top1",) if name == "knn" else ("top1", "top5"):
+            assert two[key] == pytest.approx(one[key], abs=1e-3), key
+
+
 def test_eval_leaves_the_precision_free_for_a_later_train(tmp_path, digits_root):
     """evaluate() sets up processes without fixing accelerate's mixed precision: a bf16 Accelerator
     (what train() builds on a GPU) can still follow it in the same process."""

@@ -76,3 +76,46 @@ def test_few_label_probe_standardises_with_all_unlabelled_features():
     ref = linear_probe((train_f[idx] - mean) / std, train_y[idx], (test_f - mean) / std, test_y, 3, epochs=40,
                        batch_size=12, seed=3, standardised=True)
     assert out["linear_top1"] == pytest.approx(ref["top1"])
+
+
+def test_eval_indices_split_the_subset_between_processes():
+    from fastairl.data.datasets import eval_indices
+
+    assert eval_indices(10, 4).tolist() == [0, 2, 5, 7]  # evenly spaced
+    parts = [eval_indices(10, 4, r, 3).tolist() for r in range(3)]
+    assert parts == [[0, 7], [2], [5]]  # strided shares of the same subset
+    assert eval_indices(2, None, 2, 3).tolist() == []  # more processes than samples: an empty share
+
+
+GATHER = """
+import sys, torch
+from accelerate import PartialState
+from fastairl.data.datasets import eval_indices
+from fastairl.eval.features import gather_strided
+
+state = PartialState(cpu=True)
+out = {}
+for n in (7, 2, 1):
+    idx = torch.as_tensor(eval_indices(n, None, state.process_index, state.num_processes), dtype=torch.long)
+    feats = torch.arange(n * 3, dtype=torch.float32).view(n, 3)[idx] if len(idx) else torch.zeros(0, 0)
+    out[n] = (gather_strided(feats, state.device), gather_strided(torch.arange(n)[idx], state.device))
+torch.save(out, f"{sys.argv[1]}/rank{state.process_index}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_gather_strided_restores_the_sample_order_on_every_process(tmp_path):
+    """3 gloo processes, N = 7, 2 and 1 rows: uneven shares and empty ones (without a feature width)."""
+    import sys
+
+    from tiny_runs import run
+
+    (tmp_path / "g.py").write_text(GATHER)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 3,
+                tmp_path / "g.py", tmp_path], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in range(3):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for n, (feats, labels) in got.items():
+            assert torch.equal(feats, torch.arange(n * 3, dtype=torch.float32).view(n, 3)), (r, n)
+            assert torch.equal(labels, torch.arange(n)), (r, n)

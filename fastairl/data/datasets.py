@@ -124,6 +124,14 @@ def subset(samples: Samples, classes: list[str], keep: list[int]) -> tuple[Sampl
     return kept, [classes[i] for i in keep]
 
 
+def eval_indices(n: int, max_samples: Optional[int] = None, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Which of `n` samples an evaluation loader reads: an evenly spaced subset when `max_samples` < n
+    (class-balanced when the samples are sorted by class), then every `world_size`-th one from `rank`
+    (strided, so fastairl.eval.features.gather_strided restores the order from the processes' parts)."""
+    keep = np.arange(n) if max_samples is None or max_samples >= n else (np.arange(max_samples) * n) // max_samples
+    return keep[rank::world_size]
+
+
 def load_samples(data_cfg, path: Optional[str], key: Optional[str] = None) -> tuple[Samples, list[str]]:
     """The (samples, classes) of `path` read as `data_cfg.source` says, restricted to the
     `data_cfg.class_fraction` subset (same classes for train and val when their class lists agree), then

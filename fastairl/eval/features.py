@@ -7,8 +7,11 @@ from torch import nn
 
 
 @torch.no_grad()
-def extract(encoder: nn.Module, loader, device, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (NxF, float32, CPU) and labels (N) of every batch of `loader`, BN in eval mode."""
+def extract(encoder: nn.Module, loader, device, channels_last: bool = False,
+            procs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (NxF, float32, CPU) and labels (N) of every batch of `loader`, BN in eval mode. With
+    `procs` (an accelerate state or Accelerator) of several processes, `loader` reads this process's
+    strided share and every process gets all N rows back, in sample order."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
@@ -16,9 +19,28 @@ def extract(encoder: nn.Module, loader, device, channels_last: bool = False) -> 
     for x, y in loader:
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         feats.append(encoder(x).float().cpu())
-        labels.append(y)
+        labels.append(y.long().cpu())
     encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    f = torch.cat(feats) if feats else torch.zeros(0, 0)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if procs is not None and procs.num_processes > 1:
+        f, y = gather_strided(f, procs.device), gather_strided(y, procs.device)
+    return f, y
+
+
+def gather_strided(part: torch.Tensor, device) -> torch.Tensor:
+    """Process r holds rows r, r + W, r + 2W, ... of an N-row tensor (W processes; the split of
+    fastairl.data.datasets.eval_indices): all N rows, in order, on every process (CPU)."""
+    from accelerate.utils import gather
+
+    meta = gather(torch.tensor([[part.shape[0], part.shape[1] if part.ndim > 1 else 0]], device=device))  # Wx2
+    world, rows, total = meta.shape[0], int(meta[:, 0].max()), int(meta[:, 0].sum())
+    tail = (int(meta[:, 1].max()),) if part.ndim > 1 else ()  # an empty part may not know F
+    padded = torch.zeros((rows, *tail), dtype=part.dtype, device=device)  # MxF: every part the same size
+    if part.shape[0]:
+        padded[:part.shape[0]] = part.to(device)
+    every = gather(padded).view(world, rows, *tail)  # WxMxF: row j of process r is row j*W + r
+    return every.transpose(0, 1).reshape(world * rows, *tail)[:total].cpu()
 
 
 def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, temperature: float = 0.07,

@@ -63,7 +63,9 @@ def _with_batch(cfg: Config) -> Config:
 
 
 @torch.no_grad()
-def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt) -> dict:
+def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt, state=None) -> dict:
+    """Top-1/5 over `loader`; with `state` of several processes, each reads its share of the
+    validation split and the counts are summed."""
     backbone.eval()
     hits, n = torch.zeros(2, device=device), 0
     for x, y in loader:
@@ -72,8 +74,13 @@ def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt) -> dict:
             logits = head(backbone(x)).float()  # NxC
         hits += torch.stack(topk_correct(logits, y))
         n += y.shape[0]
-    top1, top5 = (100.0 * hits / max(n, 1)).tolist()
-    return {"top1": top1, "top5": top5, "val_samples": n}
+    counts = torch.cat([hits, torch.tensor([float(n)], device=device)])  # top-1 hits, top-5 hits, images
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import reduce
+
+        counts = reduce(counts, "sum")
+    top1, top5, n = counts.tolist()
+    return {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "val_samples": int(n)}
 
 
 def _ddp(module: nn.Module, state) -> nn.Module:
@@ -132,7 +139,7 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, 
                "lr": eval_lr(e, epoch * spe, spe), "epoch_s": dt, "images": int(images), "img_per_s": images / dt}
         if e.val_every_epochs and (epoch + 1) % e.val_every_epochs == 0 and epoch + 1 < e.epochs:
             row.update({k if k == "val_samples" else f"val_{k}": v
-                        for k, v in accuracy(backbone, head, val_loader, device, fmt).items()})
+                        for k, v in accuracy(backbone, head, val_loader, device, fmt, state).items()})
         log(row)
 
 
@@ -174,12 +181,14 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
     t0 = time.perf_counter()
-    val = build_eval_loader(cfg, cfg.data.val, batch_size=min(256, e.batch_size), pin_memory=device.type == "cuda")
+    shard = dict(rank=state.process_index, world_size=world)  # each process reads its share; extract gathers
+    val = build_eval_loader(cfg, cfg.data.val, batch_size=min(256, e.batch_size), pin_memory=device.type == "cuda",
+                            **shard)
     summary = {"protocol": e.protocol, "backbone": source, "epochs": e.epochs, "batch_size": e.batch_size,
                "num_processes": world, "lr": peak_lr(e), "schedule": e.schedule, "cache_features": e.cache_features}
     if not augmented:
-        bank = build_eval_loader(cfg, cfg.data.train, batch_size=min(256, e.batch_size))
-        (bf, by), (vf, vy) = (extract(backbone, ld, device, cfg.model.channels_last) for ld in (bank, val))
+        bank = build_eval_loader(cfg, cfg.data.train, batch_size=min(256, e.batch_size), **shard)
+        (bf, by), (vf, vy) = (extract(backbone, ld, device, cfg.model.channels_last, state) for ld in (bank, val))
         summary.update(train_samples=len(by), val_samples=len(vy))
         if e.protocol == "knn":
             summary["knn_top1"] = {str(k): knn_accuracy(bf, by, vf, vy, k, e.knn_temperature, bank.num_classes)
@@ -193,7 +202,7 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
     else:
         head = nn.Linear(backbone_dim(backbone, cfg, device), val.num_classes).to(device)
         train_epochs(cfg, backbone, head, state, fmt, log, val)
-        summary.update(accuracy(backbone, head, val, device, fmt))
+        summary.update(accuracy(backbone, head, val, device, fmt, state))
     summary["time_s"] = time.perf_counter() - t0
     if main:
         metrics.close()
