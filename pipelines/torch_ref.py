@@ -142,6 +142,16 @@ class DualViewDataset(torch.utils.data.Dataset):
         yield from replacement_candidates(self.seed, epoch, index, len(self.samples), self.MAX_TRIES)
 
 
+def check_global_batch(global_batch: int, world_size: int, num_samples: int, source: str) -> None:
+    """A global batch splits evenly over the processes, and the samples of `source` fill at least one."""
+    if global_batch % world_size:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {world_size} "
+                         f"processes; pick a multiple of {world_size}")
+    if num_samples < global_batch:
+        raise ValueError(f"{source} has {num_samples} samples, fewer than one global batch of "
+                         f"train.batch_size={global_batch}; lower train.batch_size")
+
+
 class EpochBatchSampler:
     """Per-epoch permutation split into global batches (last partial batch dropped); each rank takes
     its contiguous slice of every global batch. Yields lists of (epoch, index)."""
@@ -150,12 +160,7 @@ class EpochBatchSampler:
                  seed: int = 0):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size={global_batch} is not divisible by the {world_size} "
-                             f"processes; pick a multiple of {world_size}")
-        if num_samples < global_batch:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
-                             f"train.batch_size={global_batch}; lower train.batch_size")
+        check_global_batch(global_batch, world_size, num_samples, "the dataset")
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.per_batch = global_batch // world_size
@@ -270,12 +275,7 @@ class SyntheticLoader:
 
     def __init__(self, spec: AugmentSpec, global_batch: int, rank: int = 0, world_size: int = 1,
                  num_classes: int = 1000, num_samples: int = 1281167, seed: int = 0, device="cpu"):
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size={global_batch} is not divisible by the {world_size} "
-                             f"processes; pick a multiple of {world_size}")
-        if num_samples < global_batch:
-            raise ValueError(f"data.synthetic_size={num_samples} is smaller than one global batch of "
-                             f"train.batch_size={global_batch}")
+        check_global_batch(global_batch, world_size, num_samples, "data.synthetic_size")
         self.classes = [str(i) for i in range(num_classes)]
         self.num_classes = num_classes
         self.spec = spec

@@ -248,6 +248,12 @@ def test_sampler_errors():
         EpochBatchSampler(100, 10, 0, 3)
     with pytest.raises(ValueError, match="has 7 samples, fewer than one global batch of train.batch_size=8"):
         EpochBatchSampler(7, 8)
+    # synthetic data: the same two rules, naming the key that sets its size
+    spec = make_spec(crop_size=S)
+    with pytest.raises(ValueError, match="batch_size=10 is not divisible by the 4 processes"):
+        SyntheticLoader(spec, 10, 0, 4, num_samples=100)
+    with pytest.raises(ValueError, match="data.synthetic_size has 7 samples, fewer than one global batch"):
+        SyntheticLoader(spec, 8, num_samples=7)
 
 
 # ------------------------------------------------------------------------------------------- loader
