@@ -101,7 +101,8 @@ def test_byol_two_processes_stay_identical(tmp_path, images, digits_root):
     assert "SyncBatchNorm needs CUDA" in (run_dir / "log.txt").read_text()
 
     # the epoch-end kNN monitor: each process encoded half of the bank and of the validation split; the
-    # gathered features give the kNN of one process encoding everything (the epoch ended at the last step)
+    # gathered features give the kNN of one process encoding everything (the epoch ended at the last step).
+    # kNN does not see the rows' order (test_features checks gather_strided's), only lost or mislabelled rows
     from fastairl.analysis.checkpoints import load_backbone
     from fastairl.config import load_config
     from fastairl.eval.features import extract, knn_accuracy

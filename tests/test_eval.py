@@ -84,7 +84,6 @@ def pretrained(digits_root, tmp_path_factory):
     return tmp / "run" / "last.pt"
 
 
-@pytest.mark.slow
 def test_training_ends_by_evaluating_both_encoders_with_all_and_with_few_labels(tmp_path, digits_root):
     from fastairl.config import load_config
     from fastairl.trainer import train
@@ -114,6 +113,7 @@ def test_training_ends_by_evaluating_both_encoders_with_all_and_with_few_labels(
     assert "[random_init], 3 labels per class (2 draws)" in log and "warning: probe.final_labels_per_class" in log
 
 
+@pytest.mark.slow
 def test_knn_from_random_init(tmp_path, digits_root):
     proc = _eval(tmp_path, _tiny_eval_recipe(tmp_path, digits_root, protocol="knn", knn_k=[5, 20]))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -60,8 +60,23 @@ def test_few_label_eval_is_the_mean_over_draws():
     knn = [knn_accuracy(train_f[i], train_y[i], test_f, test_y, 8, 0.07, 4)
            for i in few_label_subsets(train_y, 2, 3, seed=5)]
     assert out["knn_top1"] == pytest.approx(sum(knn) / 3)
-    assert out["knn_top1_std"] == pytest.approx(torch.tensor(knn).std(unbiased=False).item(), abs=1e-4)
+    assert out["knn_top1_std"] == pytest.approx(torch.tensor(knn).std().item(), abs=1e-4)  # sample std
     assert out["linear_top1"] > 90.0  # well-separated clusters: two labels per class suffice
+
+
+def test_few_label_probe_steps_in_batches_of_at_most_256(monkeypatch):
+    """The probe's cost per step stays that of the full-label probe's batch, whatever the subset size:
+    `linear_steps` steps of batches of <= 256 labelled samples."""
+    import fastairl.eval.features as features
+
+    seen = []
+    monkeypatch.setattr(features, "linear_probe", lambda *a, **kw: seen.append(kw) or {"top1": 50.0})
+    y = torch.arange(2000) % 4
+    f = torch.randn(2000, 3)
+    for per_class, want in ((100, dict(epochs=150, batch_size=256)), (5, dict(epochs=300, batch_size=20))):
+        seen.clear()
+        features.few_label_eval(f, y, f[:8], y[:8], per_class=per_class, draws=1, linear_steps=300)
+        assert {k: seen[0][k] for k in want} == want  # 400 labelled: 2 batches an epoch, 150 epochs
 
 
 def test_few_label_probe_standardises_with_all_unlabelled_features():
@@ -85,6 +100,8 @@ def test_eval_indices_split_the_subset_between_processes():
     parts = [eval_indices(10, 4, r, 3).tolist() for r in range(3)]
     assert parts == [[0, 7], [2], [5]]  # strided shares of the same subset
     assert eval_indices(2, None, 2, 3).tolist() == []  # more processes than samples: an empty share
+    with pytest.raises(ValueError, match="rank 3 is not in a world of 3"):
+        eval_indices(10, None, 3, 3)
 
 
 GATHER = """
@@ -98,7 +115,8 @@ out = {}
 for n in (7, 2, 1):
     idx = torch.as_tensor(eval_indices(n, None, state.process_index, state.num_processes), dtype=torch.long)
     feats = torch.arange(n * 3, dtype=torch.float32).view(n, 3)[idx] if len(idx) else torch.zeros(0, 0)
-    out[n] = (gather_strided(feats, state.device), gather_strided(torch.arange(n)[idx], state.device))
+    # chunk=2: a process's share crosses in pieces (3 rows of 7 in two), the last one short
+    out[n] = (gather_strided(feats, state.device, chunk=2), gather_strided(torch.arange(n)[idx], state.device))
 torch.save(out, f"{sys.argv[1]}/rank{state.process_index}.pt")
 """
 

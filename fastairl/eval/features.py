@@ -28,19 +28,26 @@ def extract(encoder: nn.Module, loader, device, channels_last: bool = False,
     return f, y
 
 
-def gather_strided(part: torch.Tensor, device) -> torch.Tensor:
+def gather_strided(part: torch.Tensor, device, chunk: int = 8192) -> torch.Tensor:
     """Process r holds rows r, r + W, r + 2W, ... of an N-row tensor (W processes; the split of
-    fastairl.data.datasets.eval_indices): all N rows, in order, on every process (CPU)."""
+    fastairl.data.datasets.eval_indices): all N rows, in order, on every process (CPU). `part` lives on
+    the CPU; it crosses `device` `chunk` rows at a time, so an ImageNet bank never sits whole on a GPU."""
     from accelerate.utils import gather
 
     meta = gather(torch.tensor([[part.shape[0], part.shape[1] if part.ndim > 1 else 0]], device=device))  # Wx2
     world, rows, total = meta.shape[0], int(meta[:, 0].max()), int(meta[:, 0].sum())
     tail = (int(meta[:, 1].max()),) if part.ndim > 1 else ()  # an empty part may not know F
-    padded = torch.zeros((rows, *tail), dtype=part.dtype, device=device)  # MxF: every part the same size
-    if part.shape[0]:
-        padded[:part.shape[0]] = part.to(device)
-    every = gather(padded).view(world, rows, *tail)  # WxMxF: row j of process r is row j*W + r
-    return every.transpose(0, 1).reshape(world * rows, *tail)[:total].cpu()
+    if total == 0:
+        return torch.zeros((0, *tail), dtype=part.dtype)
+    pieces = []
+    for start in range(0, rows, chunk):  # the same number of collectives on every process
+        length = min(chunk, rows - start)
+        padded = torch.zeros((length, *tail), dtype=part.dtype)  # every process sends the same shape
+        mine = part[start:start + length]
+        padded[:mine.shape[0]] = mine.reshape(mine.shape[0], *tail)
+        pieces.append(gather(padded.to(device)).cpu().view(world, length, *tail))  # Wxlength(xF)
+    every = torch.cat(pieces, dim=1)  # WxMxF: row j of process r is row j*W + r
+    return every.transpose(0, 1).reshape(world * rows, *tail)[:total]
 
 
 def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, temperature: float = 0.07,
@@ -114,17 +121,20 @@ def few_label_eval(train_f, train_y, test_f, test_y, per_class: int, draws: int 
                    temperature: float = 0.07, num_classes: int | None = None, linear_steps: int = 300,
                    seed: int = 0) -> dict:
     """kNN and linear probe that see `per_class` labelled samples per class (the semi-supervised
-    protocol), mean and std over `draws` stratified draws. Every training feature is unlabelled data
-    the encoder has seen, so standardisation uses all of them; the probe takes `linear_steps` full-batch
-    steps whatever the subset size."""
+    protocol), mean and sample std over `draws` stratified draws. Every training feature is unlabelled
+    data the encoder has seen, so standardisation uses all of them. The probe takes `linear_steps` steps
+    of batches of up to 256 labelled samples (full-batch below that), whatever the subset size."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     ztr, zte = standardise(train_f, test_f)
     knn, lin = [], []
     for d, idx in enumerate(few_label_subsets(train_y, per_class, draws, seed)):
         knn.append(knn_accuracy(train_f[idx], train_y[idx], test_f, test_y, min(k, len(idx)), temperature, num_classes))
-        lin.append(linear_probe(ztr[idx], train_y[idx], zte, test_y, num_classes, epochs=linear_steps,
-                                batch_size=len(idx), seed=seed + d, standardised=True)["top1"])
+        batch = min(256, len(idx))
+        epochs = -(-linear_steps // -(-len(idx) // batch))  # linear_steps steps in all
+        lin.append(linear_probe(ztr[idx], train_y[idx], zte, test_y, num_classes, epochs=epochs,
+                                batch_size=batch, seed=seed + d, standardised=True)["top1"])
     knn_t, lin_t = torch.tensor(knn), torch.tensor(lin)
-    return {"knn_top1": knn_t.mean().item(), "knn_top1_std": knn_t.std(unbiased=False).item(),
-            "linear_top1": lin_t.mean().item(), "linear_top1_std": lin_t.std(unbiased=False).item(),
+    spread = (lambda t: t.std().item()) if draws > 1 else (lambda t: 0.0)  # sample std over the draws
+    return {"knn_top1": knn_t.mean().item(), "knn_top1_std": spread(knn_t),
+            "linear_top1": lin_t.mean().item(), "linear_top1_std": spread(lin_t),
             "labelled": per_class * len(train_y.unique()), "draws": draws}
