@@ -80,7 +80,8 @@ class AugConfig:
     ablation: Literal["none", "-solarize", "-blur", "-gray", "-jitter"] = "none"
     crop_size: int = 224
     crop_scale: Optional[tuple[float, float]] = None  # None: the preset's (0.08, 1) or (0.2, 1)
-    flip_p: Optional[float] = None  # None: the preset's 0.5; 0 for data whose mirror image means something else (digits, text)
+    # None: the preset's 0.5; 0 for data whose mirror image means something else (digits, text)
+    flip_p: Optional[float] = None
     blur_kernel_frac: float = 0.1  # kernel side ~ 10 % of the crop (23 px at 224)
     # the loader only decodes, crops and flips (uint8); jitter, grayscale, blur, solarise and
     # normalisation run per sample, batched, on the training device (fastairl/data/device_aug.py).

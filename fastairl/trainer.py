@@ -553,7 +553,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         from tqdm import tqdm
         progress = tqdm(total=stop_at, initial=step, dynamic_ncols=True, desc=cfg.name)
     model.train()
-    halt = 0
+    halt, knn_loaders = 0, None
     with StopSignals(comm) as stop, _released(loader):
         while step < stop_at and not halt:
             loader.set_epoch(step // spe, start_step=step % spe)
@@ -596,7 +596,9 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
             if step % spe == 0 and step > start:  # an epoch ended (the epoch-end checkpoint is below)
                 done = step // spe
                 if cfg.probe.knn_every_epochs and cfg.data.val and done % cfg.probe.knn_every_epochs == 0:
-                    acc = knn_monitor(cfg, unwrapped.encoder(), accelerator, loader.num_classes)
+                    # built (the folders listed) at the first monitored epoch, then reused
+                    knn_loaders = knn_loaders or _eval_loaders(cfg, cfg.probe.knn_max_bank, accelerator)
+                    acc = knn_monitor(cfg, unwrapped.encoder(), accelerator, loader.num_classes, knn_loaders)
                     if main:
                         summary["knn"].append({"epoch": done, "top1": acc})
                         log.record({"step": step, "epoch": done, "knn_top1": acc})
@@ -629,24 +631,30 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def _eval_features(cfg: Config, encoder: nn.Module, device, max_bank: int | None = None, procs=None):
-    """Bank (training split) and validation features; with `procs` (the Accelerator) every process
-    extracts its share of both and all get every row."""
+def _eval_loaders(cfg: Config, max_bank: int | None = None, procs=None) -> tuple:
+    """Loaders of the bank (training split) and of the validation split; with `procs` (the
+    Accelerator) each reads this process's share."""
     from fastairl.pipelines import build_eval_loader
 
+    shard = dict(rank=procs.process_index, world_size=procs.num_processes) if procs is not None else {}
+    return (build_eval_loader(cfg, cfg.data.train, max_samples=max_bank, **shard),
+            build_eval_loader(cfg, cfg.data.val, **shard))
+
+
+def _eval_features(cfg: Config, encoder: nn.Module, device, loaders=None, procs=None):
+    """Bank and validation features (of `loaders`, built here when not given); with `procs` every
+    process extracts its share of both and all get every row."""
     from .eval.features import extract
 
-    shard = dict(rank=procs.process_index, world_size=procs.num_processes) if procs is not None else {}
-    bank = build_eval_loader(cfg, cfg.data.train, max_samples=max_bank, **shard)
-    val = build_eval_loader(cfg, cfg.data.val, **shard)
-    return tuple(extract(encoder, ld, device, cfg.model.channels_last, procs) for ld in (bank, val))
+    loaders = loaders or _eval_loaders(cfg, procs=procs)
+    return tuple(extract(encoder, ld, device, cfg.model.channels_last, procs) for ld in loaders)
 
 
-def knn_monitor(cfg: Config, encoder: nn.Module, accelerator, num_classes: int) -> float | None:
+def knn_monitor(cfg: Config, encoder: nn.Module, accelerator, num_classes: int, loaders: tuple) -> float | None:
     """Epoch-end kNN top-1 on the held-out split: every process encodes its share, the main one votes."""
     from .eval.features import knn_accuracy
 
-    (bf, by), (vf, vy) = _eval_features(cfg, encoder, accelerator.device, cfg.probe.knn_max_bank, accelerator)
+    (bf, by), (vf, vy) = _eval_features(cfg, encoder, accelerator.device, loaders, accelerator)
     acc = None
     if accelerator.is_main_process:
         acc = knn_accuracy(bf, by, vf, vy, cfg.probe.knn_k, cfg.probe.knn_temperature, num_classes)

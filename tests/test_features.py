@@ -84,7 +84,8 @@ def test_few_label_probe_standardises_with_all_unlabelled_features():
     probe standardises with the whole, unlabelled training set, then fits on the labelled subset."""
     g = torch.Generator().manual_seed(1)
     train_y, test_y = torch.arange(60) % 3, torch.arange(30) % 3
-    train_f, test_f = torch.randn(60, 5, generator=g) + train_y[:, None], torch.randn(30, 5, generator=g) + test_y[:, None]
+    train_f = torch.randn(60, 5, generator=g) + train_y[:, None]
+    test_f = torch.randn(30, 5, generator=g) + test_y[:, None]
     out = few_label_eval(train_f, train_y, test_f, test_y, per_class=4, draws=1, linear_steps=40, seed=3)
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     (idx,) = few_label_subsets(train_y, 4, 1, seed=3)
