@@ -666,7 +666,7 @@ def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: in
     """kNN + linear probe (cached features) of the trained encoder and of a random-init encoder of
     the same architecture: the baseline the pretraining has to beat. With probe.final_labels_per_class
     also with few labels (mean over stratified draws), where what pretraining learnt matters most."""
-    from .eval.features import few_label_eval, knn_accuracy, linear_probe
+    from .eval.features import PROBE_BATCH, few_label_eval, knn_accuracy, linear_probe
     from .models import build_backbone
 
     p = cfg.probe
@@ -683,7 +683,7 @@ def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: in
         lin = linear_probe(bf, by, vf, vy, num_classes, epochs=p.final_linear_epochs, seed=cfg.train.seed)
         out[name] = {"knn_top1": knn, "linear_top1": lin["top1"], "linear_top5": lin["top5"]}
         log.info(f"final eval [{name}]: kNN top-1 {knn:.2f}%  linear top-1 {lin['top1']:.2f}%")
-        steps = p.final_linear_epochs * -(-len(by) // 256)  # as many steps as the full-label probe
+        steps = p.final_linear_epochs * -(-len(by) // PROBE_BATCH)  # as many steps as the full-label probe
         for n in p.final_labels_per_class:
             try:
                 few = few_label_eval(bf, by, vf, vy, n, p.final_label_draws, p.knn_k, p.knn_temperature,

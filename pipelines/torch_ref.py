@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec, sample_color,
                                    sample_crop, sample_rng, spec_from_config)
-from fastairl.data.datasets import ImageReadError, eval_indices
+from fastairl.data.datasets import ImageReadError, check_rank, eval_indices
 
 _JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)
@@ -158,8 +158,7 @@ class EpochBatchSampler:
 
     def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+        check_rank(rank, world_size)
         check_global_batch(global_batch, world_size, num_samples, "the dataset")
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed

@@ -124,12 +124,16 @@ def subset(samples: Samples, classes: list[str], keep: list[int]) -> tuple[Sampl
     return kept, [classes[i] for i in keep]
 
 
+def check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+
+
 def eval_indices(n: int, max_samples: Optional[int] = None, rank: int = 0, world_size: int = 1) -> np.ndarray:
     """Which of `n` samples an evaluation loader reads: an evenly spaced subset when `max_samples` < n
     (class-balanced when the samples are sorted by class), then every `world_size`-th one from `rank`
     (strided, so fastairl.eval.features.gather_strided restores the order from the processes' parts)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+    check_rank(rank, world_size)
     keep = np.arange(n) if max_samples is None or max_samples >= n else (np.arange(max_samples) * n) // max_samples
     return keep[rank::world_size]
 

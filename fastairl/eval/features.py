@@ -66,6 +66,9 @@ def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, temperature: flo
     return 100.0 * correct / test_f.shape[0]
 
 
+PROBE_BATCH = 256  # the cached-feature probe's batch; the few-label probe's step budget counts in it
+
+
 def standardise(train_f, *others):
     """Zero mean, unit variance per feature with `train_f`'s statistics, applied to every tensor given."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
@@ -73,7 +76,7 @@ def standardise(train_f, *others):
 
 
 def linear_probe(train_f, train_y, test_f, test_y, num_classes: int | None = None, epochs: int = 100,
-                 lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
+                 lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = PROBE_BATCH, seed: int = 0,
                  standardised: bool = False) -> dict:
     """Logistic regression on cached, standardised features (SGD momentum, cosine lr); top-1/5 in %.
     `standardised=True`: the caller already standardised both (with statistics it chose)."""
@@ -123,13 +126,13 @@ def few_label_eval(train_f, train_y, test_f, test_y, per_class: int, draws: int 
     """kNN and linear probe that see `per_class` labelled samples per class (the semi-supervised
     protocol), mean and sample std over `draws` stratified draws. Every training feature is unlabelled
     data the encoder has seen, so standardisation uses all of them. The probe takes `linear_steps` steps
-    of batches of up to 256 labelled samples (full-batch below that), whatever the subset size."""
+    of batches of up to PROBE_BATCH (256) labelled samples (full-batch below that), whatever the subset size."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     ztr, zte = standardise(train_f, test_f)
     knn, lin = [], []
     for d, idx in enumerate(few_label_subsets(train_y, per_class, draws, seed)):
         knn.append(knn_accuracy(train_f[idx], train_y[idx], test_f, test_y, min(k, len(idx)), temperature, num_classes))
-        batch = min(256, len(idx))
+        batch = min(PROBE_BATCH, len(idx))
         epochs = -(-linear_steps // -(-len(idx) // batch))  # linear_steps steps in all
         lin.append(linear_probe(ztr[idx], train_y[idx], zte, test_y, num_classes, epochs=epochs,
                                 batch_size=batch, seed=seed + d, standardised=True)["top1"])

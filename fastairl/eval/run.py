@@ -7,9 +7,9 @@ epoch), summary.json (protocol, where the backbone came from, top-1 / top-5 or k
 
 Under `torchrun` / `accelerate launch` the augmented linear and fine-tuning protocols train data-parallel:
 each process reads its shard of every global batch of eval.batch_size, and DDP averages the gradients
-of the head (and, fine-tuning, of the backbone). Everything else (feature extraction for kNN and the
-cached-feature probe, the validation pass) runs whole on every process: it is a small part of the
-time, every process reaches the same numbers without communicating, and only rank 0 writes.
+of the head (and, fine-tuning, of the backbone). Feature extraction (kNN, the cached-feature probe) and
+the validation pass are split too: each process encodes its strided share of the images, and the
+features are all-gathered in sample order (the validation counts summed). Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, 
     backbone.requires_grad_(finetune)
     opt = make_optimizer(e, groups)
     # DDP wraps what trains (the frozen backbone has no gradients to average); the validation pass
-    # below uses the bare modules, so it needs no collective
+    # below uses the bare modules (no DDP forward hooks; it sums its counts itself)
     train_bb = _ddp(backbone, state) if finetune else backbone
     train_head = _ddp(head, state)
     spe = loader.steps_per_epoch
