@@ -641,25 +641,23 @@ def _eval_loaders(cfg: Config, max_bank: int | None = None, procs=None) -> tuple
             build_eval_loader(cfg, cfg.data.val, **shard))
 
 
-def _eval_features(cfg: Config, encoder: nn.Module, device, loaders=None, procs=None):
-    """Bank and validation features (of `loaders`, built here when not given); with `procs` every
-    process extracts its share of both and all get every row."""
+def _eval_features(cfg: Config, encoder: nn.Module, device) -> tuple:
+    """Bank and validation features, the whole of both, in this process (the final evaluation)."""
     from .eval.features import extract
 
-    loaders = loaders or _eval_loaders(cfg, procs=procs)
-    return tuple(extract(encoder, ld, device, cfg.model.channels_last, procs) for ld in loaders)
+    return tuple(extract(encoder, ld, device, cfg.model.channels_last) for ld in _eval_loaders(cfg))
 
 
-def knn_monitor(cfg: Config, encoder: nn.Module, accelerator, num_classes: int, loaders: tuple) -> float | None:
-    """Epoch-end kNN top-1 on the held-out split: every process encodes its share, the main one votes."""
-    from .eval.features import knn_accuracy
+def knn_monitor(cfg: Config, encoder: nn.Module, accelerator, num_classes: int, loaders: tuple) -> float:
+    """Epoch-end kNN top-1 on the held-out split: every process encodes its share of the bank and of
+    the queries, gets every query, and searches its share of the bank (the candidates are merged)."""
+    from .eval.features import extract, knn_accuracies
 
-    (bf, by), (vf, vy) = _eval_features(cfg, encoder, accelerator.device, loaders, accelerator)
-    acc = None
-    if accelerator.is_main_process:
-        acc = knn_accuracy(bf, by, vf, vy, cfg.probe.knn_k, cfg.probe.knn_temperature, num_classes)
-    accelerator.wait_for_everyone()
-    return acc
+    bank, val = loaders
+    bf, by = extract(encoder, bank, accelerator.device, cfg.model.channels_last)  # this process's share
+    vf, vy = extract(encoder, val, accelerator.device, cfg.model.channels_last, accelerator)  # every query
+    k = cfg.probe.knn_k
+    return knn_accuracies(bf, by, vf, vy, (k,), cfg.probe.knn_temperature, num_classes, procs=accelerator)[k]
 
 
 def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: int, log: RunLog) -> dict:

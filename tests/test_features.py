@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fastairl.eval.features import few_label_eval, few_label_subsets, knn_accuracy, linear_probe
+from fastairl.eval.features import few_label_eval, few_label_subsets, knn_accuracies, knn_accuracy, linear_probe
 
 
 def _knn_by_hand(train_f, train_y, test_f, test_y, k, temperature, num_classes) -> float:
@@ -34,6 +34,35 @@ def test_knn_matches_the_formula(k, temperature):
     got = knn_accuracy(train_f, train_y, test_f, test_y, k, temperature, num_classes=3, chunk=4)
     assert got == pytest.approx(_knn_by_hand(train_f, train_y, test_f, test_y, k, temperature, 3))
     assert 0.0 < got < 100.0  # the clusters overlap: a test that can tell right from wrong
+
+
+def _clusters(seed: int, n_train: int, n_test: int, classes: int = 3, dim: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    train_y, test_y = torch.randint(0, classes, (n_train,), generator=g), torch.randint(0, classes, (n_test,), generator=g)
+    return (centres[train_y] + 0.9 * torch.randn(n_train, dim, generator=g), train_y,
+            centres[test_y] + 0.9 * torch.randn(n_test, dim, generator=g), test_y)
+
+
+def test_one_knn_search_serves_every_k():
+    """The max(ks) nearest, sorted, hold the k nearest for every smaller k; k above the bank size uses
+    the whole bank; the query chunk is capped by the bank's width."""
+    import fastairl.eval.features as features
+
+    train_f, train_y, test_f, test_y = _clusters(0, 40, 25)
+    got = knn_accuracies(train_f, train_y, test_f, test_y, (1, 5, 7, 500), 0.1, 3, chunk=4)
+    for k in (1, 5, 7):
+        assert got[k] == pytest.approx(_knn_by_hand(train_f, train_y, test_f, test_y, k, 0.1, 3)), k
+    assert got[500] == pytest.approx(_knn_by_hand(train_f, train_y, test_f, test_y, 40, 0.1, 3))
+    assert len(set(got.values())) > 1  # the ks disagree: a test that can tell them apart
+    small = features.SIM_ELEMENTS
+    try:
+        features.SIM_ELEMENTS = 80  # two queries per chunk against 40 bank rows
+        assert knn_accuracies(train_f, train_y, test_f, test_y, (1, 5, 7, 500), 0.1, 3) == got
+    finally:
+        features.SIM_ELEMENTS = small
+    with pytest.raises(ValueError, match="non-empty bank"):
+        knn_accuracies(train_f[:0], train_y[:0], test_f, test_y, (5,))
 
 
 def test_few_label_subsets_are_stratified_repeatable_and_distinct():
@@ -109,7 +138,7 @@ GATHER = """
 import sys, torch
 from accelerate import PartialState
 from fastairl.data.datasets import eval_indices
-from fastairl.eval.features import gather_strided
+from fastairl.eval.features import gather_strided, knn_accuracies
 
 state = PartialState(cpu=True)
 out = {}
@@ -118,12 +147,20 @@ for n in (7, 2, 1):
     feats = torch.arange(n * 3, dtype=torch.float32).view(n, 3)[idx] if len(idx) else torch.zeros(0, 0)
     # chunk=2: a process's share crosses in pieces (3 rows of 7 in two), the last one short
     out[n] = (gather_strided(feats, state.device, chunk=2), gather_strided(torch.arange(n)[idx], state.device))
+# kNN over a bank split between the processes: shares of 14, 13, 13 rows, then of 1, 1, 0 (k > the bank)
+g = torch.Generator().manual_seed(0)
+bank_f, bank_y, test_f, test_y = torch.randn(40, 5, generator=g), torch.randint(0, 4, (40,), generator=g), \
+    torch.randn(9, 5, generator=g), torch.randint(0, 4, (9,), generator=g)
+for n in (40, 2):
+    idx = torch.as_tensor(eval_indices(n, None, state.process_index, state.num_processes), dtype=torch.long)
+    out[f"knn{n}"] = knn_accuracies(bank_f[:n][idx], bank_y[:n][idx], test_f, test_y, (1, 3, 20), 0.2, 4,
+                                    chunk=4, procs=state)
 torch.save(out, f"{sys.argv[1]}/rank{state.process_index}.pt")
 """
 
 
 @pytest.mark.slow
-def test_gather_strided_restores_the_sample_order_on_every_process(tmp_path):
+def test_gather_strided_and_split_knn_agree_with_one_process(tmp_path):
     """3 gloo processes, N = 7, 2 and 1 rows: uneven shares and empty ones (without a feature width)."""
     import sys
 
@@ -133,8 +170,14 @@ def test_gather_strided_restores_the_sample_order_on_every_process(tmp_path):
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 3,
                 tmp_path / "g.py", tmp_path], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    g = torch.Generator().manual_seed(0)
+    bank_f, bank_y = torch.randn(40, 5, generator=g), torch.randint(0, 4, (40,), generator=g)
+    test_f, test_y = torch.randn(9, 5, generator=g), torch.randint(0, 4, (9,), generator=g)
     for r in range(3):
         got = torch.load(tmp_path / f"rank{r}.pt")
+        for n in (40, 2):  # the split search equals one process searching the whole bank
+            want = knn_accuracies(bank_f[:n], bank_y[:n], test_f, test_y, (1, 3, 20), 0.2, 4)
+            assert got.pop(f"knn{n}") == want, (r, n)
         for n, (feats, labels) in got.items():
             assert torch.equal(feats, torch.arange(n * 3, dtype=torch.float32).view(n, 3)), (r, n)
             assert torch.equal(labels, torch.arange(n)), (r, n)

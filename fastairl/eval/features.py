@@ -53,17 +53,60 @@ def gather_strided(part: torch.Tensor, device, chunk: int = 8192) -> torch.Tenso
 def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, temperature: float = 0.07,
                  num_classes: int | None = None, chunk: int = 1024) -> float:
     """Weighted kNN (InstDisc): cosine similarity, votes weighted by exp(sim / T); top-1 in %."""
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    k = min(k, train_f.shape[0])
-    correct = 0
+    return knn_accuracies(train_f, train_y, test_f, test_y, (k,), temperature, num_classes, chunk)[k]
+
+
+SIM_ELEMENTS = 2 ** 26  # a query chunk's similarity matrix holds at most this many floats (256 MB)
+
+
+@torch.no_grad()
+def knn_accuracies(train_f, train_y, test_f, test_y, ks=(20,), temperature: float = 0.07,
+                   num_classes: int | None = None, chunk: int = 1024, device=None, procs=None) -> dict[int, float]:
+    """Weighted kNN top-1 in % for every k of `ks`, from one search for the max(ks) nearest.
+
+    With `procs` (an accelerate state or Accelerator) of several processes, `train_f`/`train_y` are this
+    process's share of the bank (any split, empty allowed) and `test_f`/`test_y` every query, the same
+    on every process: each process searches its share only, the candidates are all-gathered and merged,
+    and every process returns the same numbers. A process thus holds 1/W of the bank, on `device`
+    (default: procs.device, else train_f's), as float32."""
+    multi = procs is not None and procs.num_processes > 1
+    device = torch.device(device) if device is not None else (procs.device if procs is not None else train_f.device)
+    bank = F.normalize(train_f.to(device, torch.float32), dim=1) if len(train_y) else None  # nxF, this share
+    bank_y = train_y.to(device)
+    sizes = [len(train_y), int(train_y.max()) + 1 if len(train_y) else 0]
+    if multi:
+        from accelerate.utils import gather
+
+        sizes = gather(torch.tensor([sizes], device=procs.device)).cpu()  # Wx2: share size, labels seen
+        total, widest, top_label = int(sizes[:, 0].sum()), int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    else:
+        total = widest = sizes[0]
+        top_label = sizes[1]
+    if total == 0 or len(test_y) == 0:
+        raise ValueError(f"kNN needs a non-empty bank and queries (got {total} and {len(test_y)})")
+    num_classes = num_classes or max(top_label, int(test_y.max()) + 1)
+    kmax = min(max(ks), total)
+    chunk = max(1, min(chunk, SIM_ELEMENTS // max(widest, 1)))  # the same on every process: same collectives
+    correct = torch.zeros(len(ks), dtype=torch.long, device=device)
     for i in range(0, test_f.shape[0], chunk):
-        sim = test_f[i:i + chunk] @ train_f.t()  # BxNtrain
-        w, idx = sim.topk(k, dim=1)  # Bxk
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_y[idx], (w / temperature).exp())
-        correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
-    return 100.0 * correct / test_f.shape[0]
+        q = F.normalize(test_f[i:i + chunk].to(device, torch.float32), dim=1)  # BxF
+        w = torch.full((q.shape[0], kmax), -torch.inf, device=device)  # BxK: similarities, best first
+        lab = torch.zeros((q.shape[0], kmax), dtype=torch.long, device=device)  # BxK: their labels
+        if bank is not None:
+            top, idx = (q @ bank.t()).topk(min(kmax, bank.shape[0]), dim=1)  # Bxk of this share
+            w[:, :top.shape[1]], lab[:, :top.shape[1]] = top, bank_y[idx]
+        if multi:  # every process's K candidates per query; the best K of the W*K
+            w_all = gather(w.to(procs.device)).to(device).view(-1, *w.shape).permute(1, 0, 2).flatten(1)  # BxWK
+            lab_all = gather(lab.to(procs.device)).to(device).view(-1, *lab.shape).permute(1, 0, 2).flatten(1)
+            w, j = w_all.topk(kmax, dim=1)
+            lab = lab_all.gather(1, j)
+        y = test_y[i:i + chunk].to(device)
+        for n, k in enumerate(ks):
+            k = min(k, kmax)  # the candidates are sorted: the k nearest are the first k
+            votes = torch.zeros(q.shape[0], num_classes, device=device)
+            votes.scatter_add_(1, lab[:, :k], (w[:, :k] / temperature).exp())
+            correct[n] += (votes.argmax(1) == y).sum()
+    return {k: 100.0 * c / test_f.shape[0] for k, c in zip(ks, correct.tolist())}
 
 
 PROBE_BATCH = 256  # the cached-feature probe's batch; the few-label probe's step budget counts in it

@@ -27,7 +27,7 @@ from torch import nn
 from ..config import Config, ConfigError, dump_config
 from ..data.augment import linear_train_spec
 from ..trainer import set_cpu_threads
-from .features import extract, knn_accuracy
+from .features import extract, knn_accuracies
 from .protocols import eval_lr, make_optimizer, peak_lr, set_lrs, topk_correct, train_head_on_features
 
 
@@ -188,11 +188,18 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
                "num_processes": world, "lr": peak_lr(e), "schedule": e.schedule, "cache_features": e.cache_features}
     if not augmented:
         bank = build_eval_loader(cfg, cfg.data.train, batch_size=min(256, e.batch_size), **shard)
-        (bf, by), (vf, vy) = (extract(backbone, ld, device, cfg.model.channels_last, state) for ld in (bank, val))
-        summary.update(train_samples=len(by), val_samples=len(vy))
-        if e.protocol == "knn":
-            summary["knn_top1"] = {str(k): knn_accuracy(bf, by, vf, vy, k, e.knn_temperature, bank.num_classes)
-                                   for k in e.knn_k}
+        knn = e.protocol == "knn"  # kNN searches each process's share of the bank: only the queries gather
+        bf, by = extract(backbone, bank, device, cfg.model.channels_last, None if knn else state)
+        vf, vy = extract(backbone, val, device, cfg.model.channels_last, state)
+        n_bank = torch.tensor(len(by), device=device)
+        if knn and world > 1:
+            from accelerate.utils import reduce
+
+            n_bank = reduce(n_bank, "sum")
+        summary.update(train_samples=int(n_bank), val_samples=len(vy))
+        if knn:
+            top1 = knn_accuracies(bf, by, vf, vy, e.knn_k, e.knn_temperature, bank.num_classes, procs=state)
+            summary["knn_top1"] = {str(k): v for k, v in top1.items()}
         else:
             head = train_head_on_features(e, bf.to(device), by.to(device), bank.num_classes, cfg.train.seed,
                                           log=lambda ep, loss: log({"epoch": ep + 1, "loss": loss}))
