@@ -58,3 +58,16 @@ def test_sgd_is_fused_on_gpu():
     m = build_method(cfg, 10).cuda()
     opt = build_optimizer(cfg.optim, m.student, 32)
     assert opt.defaults.get("fused") is True
+
+
+def test_knn_on_gpu_matches_cpu():
+    """The kNN search runs on the device: same neighbours and votes as on the CPU, every k."""
+    from fastairl.eval.features import knn_accuracies
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 64, generator=g)
+    by, vy = torch.randint(0, 10, (5000,), generator=g), torch.randint(0, 10, (700,), generator=g)
+    bf, vf = centres[by] + 1.5 * torch.randn(5000, 64, generator=g), centres[vy] + 1.5 * torch.randn(700, 64, generator=g)
+    cpu = knn_accuracies(bf, by, vf, vy, (1, 20, 200), 0.07, 10)
+    assert knn_accuracies(bf, by, vf, vy, (1, 20, 200), 0.07, 10, device="cuda") == pytest.approx(cpu, abs=100 / 700 + 1e-9)
+    assert 10 < min(cpu.values()) < 100
