@@ -67,7 +67,7 @@ def test_knn_on_gpu_matches_cpu():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(10, 64, generator=g)
     by, vy = torch.randint(0, 10, (5000,), generator=g), torch.randint(0, 10, (700,), generator=g)
-    bf, vf = centres[by] + 1.5 * torch.randn(5000, 64, generator=g), centres[vy] + 1.5 * torch.randn(700, 64, generator=g)
+    bf, vf = centres[by] + 6 * torch.randn(5000, 64, generator=g), centres[vy] + 6 * torch.randn(700, 64, generator=g)
     cpu = knn_accuracies(bf, by, vf, vy, (1, 20, 200), 0.07, 10)
-    assert knn_accuracies(bf, by, vf, vy, (1, 20, 200), 0.07, 10, device="cuda") == pytest.approx(cpu, abs=100 / 700 + 1e-9)
-    assert 10 < min(cpu.values()) < 100
+    assert knn_accuracies(bf, by, vf, vy, (1, 20, 200), 0.07, 10, device="cuda") == pytest.approx(cpu, abs=200 / 700 + 1e-9)  # float sums: at most 2 queries
+    assert 20 < min(cpu.values()) and max(cpu.values()) < 90  # neither chance nor trivial
