@@ -462,6 +462,9 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         log.info(f"warning: optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers all {epochs} epochs: the lr "
                  f"only rises (to {lr_at(total_steps - 1, total_steps, warmup_steps, peak_lr):.3g}; peak {peak_lr:.3g}) and "
                  f"never decays; lower optim.warmup_epochs")
+    if cfg.probe.final_labels_per_class and not cfg.probe.final_eval:
+        log.info(f"warning: probe.final_labels_per_class={list(cfg.probe.final_labels_per_class)} is ignored: "
+                 f"probe.final_eval is false")
 
     # on the device before the optimizer is built, so SGD can choose its fused CUDA kernel
     model = build_model(cfg, loader.num_classes, accelerator, log).to(accelerator.device)

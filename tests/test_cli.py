@@ -144,12 +144,16 @@ def test_module_entry_point_and_class_subset_is_repeatable(recipe, fraction_run,
     run_dir = tmp_path / "run"
     # overrides may also follow the options
     proc = run([sys.executable, "-m", "fastairl.cli", "train", recipe, "--run-dir", run_dir,
-                "data.class_fraction=0.5", "train.max_steps=1", "optim.warmup_epochs=3"], cwd=tmp_path)
+                "data.class_fraction=0.5", "train.max_steps=1", "optim.warmup_epochs=3",
+                "probe.final_labels_per_class=[2]"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "classes.txt").read_text() == (fraction_run / "classes.txt").read_text()
     assert sorted(losses(run_dir)) == [1]
     # a warm-up longer than the run is allowed, and said
-    assert "warning: optim.warmup_epochs=3 covers all 2 epochs" in (run_dir / "log.txt").read_text()
+    log = (run_dir / "log.txt").read_text()
+    assert "warning: optim.warmup_epochs=3 covers all 2 epochs" in log
+    # few-label evaluation asked for without the final evaluation: said, not silently dropped
+    assert "warning: probe.final_labels_per_class=[2] is ignored: probe.final_eval is false" in log
 
 
 @pytest.mark.slow
