@@ -17,6 +17,17 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
+def run_length(epochs: int, warmup_epochs: float, class_fraction: float = 1.0,
+               keep_iterations: bool = False) -> tuple[int, float]:
+    """(epochs, warm-up epochs) of a run on `class_fraction` of the classes. With `keep_iterations`
+    both grow by 1 / class_fraction: the run keeps the iterations of the full-data recipe, and its
+    warm-up the same share of them (10 of 200 epochs stays 5 % of the steps)."""
+    if not keep_iterations or class_fraction >= 1.0:
+        return epochs, warmup_epochs
+    longer = math.ceil(epochs / class_fraction)
+    return longer, warmup_epochs * longer / epochs
+
+
 def _cosine(progress: float) -> float:
     """Half-cosine from 1 (progress 0) to 0 (progress 1); progress is clamped so overruns stay at 0."""
     progress = min(max(progress, 0.0), 1.0)

@@ -44,7 +44,6 @@ import csv
 import fnmatch
 import hashlib
 import json
-import math
 import os
 import re
 import shlex
@@ -59,6 +58,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import Config, ConfigError, config_to_dict, load_config
+from .schedules import run_length
 
 
 class StudyError(ValueError):
@@ -436,8 +436,8 @@ def _load(recipe: Path, overrides: list[str], where: str) -> Config:
 
 def effective_epochs(cfg: Config) -> int:
     """train.epochs, scaled by 1 / class_fraction under train.keep_iterations (as the trainer does)."""
-    t, d = cfg.train, cfg.data
-    return math.ceil(t.epochs / d.class_fraction) if t.keep_iterations and d.class_fraction < 1.0 else t.epochs
+    return run_length(cfg.train.epochs, cfg.optim.warmup_epochs, cfg.data.class_fraction,
+                      cfg.train.keep_iterations)[0]
 
 
 def periodic_epochs(cfg: Config, where: str) -> list[int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import signal
@@ -29,7 +28,7 @@ from .data.augment import spec_from_config
 from .data.datasets import DataError
 from .methods import build_method, num_views
 from .optim import build_optimizer, set_lr
-from .schedules import lr_at, momentum_at, scaled_lr
+from .schedules import lr_at, momentum_at, run_length, scaled_lr
 
 
 # ------------------------------------------------------------------------------------ environment
@@ -452,14 +451,17 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
                 run_dir.rmdir()  # only if still empty
         raise
     log = RunLog(run_dir, main, cfg.train.tensorboard)
-    epochs = cfg.train.epochs
-    if cfg.train.keep_iterations and cfg.data.class_fraction < 1.0:
-        epochs = math.ceil(epochs / cfg.data.class_fraction)  # same number of iterations as 100 %
+    # train.keep_iterations: the full-data recipe's iterations, and warm-up share, on a class subset
+    epochs, warmup_epochs = run_length(cfg.train.epochs, cfg.optim.warmup_epochs, cfg.data.class_fraction,
+                                       cfg.train.keep_iterations)
     spe = loader.steps_per_epoch
-    total_steps, warmup_steps = epochs * spe, round(cfg.optim.warmup_epochs * spe)
+    total_steps, warmup_steps = epochs * spe, round(warmup_epochs * spe)
+    if epochs != cfg.train.epochs:
+        log.info(f"train.keep_iterations, data.class_fraction={cfg.data.class_fraction:g}: {epochs} epochs of "
+                 f"{spe} steps, warm-up {warmup_epochs:g} epochs ({warmup_steps} steps)")
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
     if warmup_steps >= total_steps:
-        log.info(f"warning: optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers all {epochs} epochs: the lr "
+        log.info(f"warning: optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers all {cfg.train.epochs} epochs: the lr "
                  f"only rises (to {lr_at(total_steps - 1, total_steps, warmup_steps, peak_lr):.3g}; peak {peak_lr:.3g}) and "
                  f"never decays; lower optim.warmup_epochs")
     if cfg.probe.final_labels_per_class and not cfg.probe.final_eval:

@@ -90,7 +90,7 @@ ROWS: dict[str, Row] = {
     "mocov2plus_lars.yaml":         Row("mocov2plus_lars",   "infonce", True,  "student", "sync",    COS,   BYOL_PROJ, PRED, LARS,    10, 200, "resnet50", "mocov2"),
     "byol_sgd.yaml":                Row("byol_sgd",          "byol",    True,  "student", "sync",    COS,   BYOL_PROJ, PRED, SGD,     10, 200, "resnet50", "byol_sym"),
     "byol_lars.yaml":               Row("byol_lars",         "byol",    True,  "student", "sync",    COS,   BYOL_PROJ, PRED, LARS,    10, 200, "resnet50", "byol_sym"),
-    "supervised.yaml":              Row("supervised",        "ce",      False, "none",    "sync",    None,  None,      None, SUP_SGD, 5,  100, "resnet50", "crop_flip",
+    "supervised.yaml":              Row("supervised",        "ce",      False, "none",    "sync",    None,  None,      None, SUP_SGD, 10, 100, "resnet50", "crop_flip",
                                         extra=(("probe.online", False),)),
 }
 # fmt: on

@@ -75,3 +75,14 @@ def test_scaled_lr_linear_rule():
     assert scaled_lr(0.03, 1024) == pytest.approx(0.12)
     assert scaled_lr(0.2, 4096) == pytest.approx(3.2)
     assert scaled_lr(0.05, 256) == pytest.approx(0.05)
+
+
+def test_run_length_keeps_iterations_and_the_warm_up_share():
+    from fastairl.schedules import run_length
+
+    assert run_length(200, 10, 1.0, True) == (200, 10)
+    assert run_length(200, 10, 0.1, False) == (200, 10)  # the subset's own epochs
+    epochs, warmup = run_length(200, 10, 0.1, True)
+    assert epochs == 2000 and warmup == pytest.approx(100)
+    epochs, warmup = run_length(200, 10, 0.7, True)
+    assert epochs == 286 and warmup / epochs == pytest.approx(10 / 200)  # ceil(200 / 0.7); 5 % warm-up
