@@ -405,9 +405,11 @@ def train_step(model, unwrapped, optimizer, probe_opt, accelerator, views, label
         probe_opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     if guard is None or guard.after_backward(loss, step):
-        optimizer.step()
-        if probe_opt is not None:
+        if probe_opt is not None and accelerator.scaler is not None:
+            accelerator.scaler.step(probe_opt)  # unprepared: unscaled by this step's scale, before update()
+        elif probe_opt is not None:
             probe_opt.step()
+        optimizer.step()  # prepared: under fp16 also the scaler's one update() of the step
         unwrapped.update_teacher(momentum)  # on the unwrapped module, never through the DDP wrapper
     return metrics
 
@@ -502,10 +504,9 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
             log.trim(step)
 
     unwrapped = model
-    if probe_opt is not None:
-        model, optimizer, probe_opt = accelerator.prepare(model, optimizer, probe_opt)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
+    # The probe's optimizer is not prepared: accelerate's optimizer wrapper calls the fp16 scaler's
+    # update() after every step(), and one update per training step is the GradScaler contract.
+    model, optimizer = accelerator.prepare(model, optimizer)
     # The loader is not passed through accelerator.prepare: it shards itself by process index.
     window = Window()
     guard = NonFiniteGuard(cfg.train.nan_policy, unwrapped, check_grads=accelerator.scaler is None,

@@ -187,3 +187,61 @@ def test_set_lr_sets_every_group_times_scale():
     opt.param_groups[1]["base_lr_scale"] = 0.5
     set_lr(opt, 0.8)
     assert [g["lr"] for g in opt.param_groups] == [0.8, 0.4]
+
+
+def test_fp16_step_updates_the_loss_scale_once_and_unscales_the_probe():
+    """Under fp16 the trainer prepares only the main optimizer (its wrapper calls the scaler's
+    update() after step()) and steps the probe's through the scaler first: one update per training
+    step, and both optimizers see gradients divided by that step's scale. A CPU GradScaler with
+    exact (float32) arithmetic must then give the unscaled run's parameters."""
+    import contextlib
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from torch import nn
+
+    from fastairl.trainer import train_step
+
+    class Tiny(nn.Module):  # method-shaped: an SSL loss on the trunk, a probe on detached features
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk, self.probe = nn.Linear(4, 3), nn.Linear(3, 2)
+
+        def forward(self, views, labels, step):
+            f = self.trunk(views[0])
+            return f.pow(2).mean() + nn.functional.cross_entropy(self.probe(f.detach()), labels), {}
+
+        def update_teacher(self, momentum):
+            pass
+
+    class Acc:  # what train_step uses of accelerate's Accelerator
+        device = torch.device("cpu")
+
+        def __init__(self, scaler):
+            self.scaler = scaler
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    Accelerator(cpu=True)  # AcceleratedOptimizer needs the accelerate state
+
+    def run(scaler):
+        m = Tiny()
+        opt = torch.optim.SGD(m.trunk.parameters(), lr=0.1, momentum=0.9)
+        opt = AcceleratedOptimizer(opt, scaler=scaler) if scaler is not None else opt
+        probe_opt = torch.optim.SGD(m.probe.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+            train_step(m, m, opt, probe_opt, Acc(scaler), [x], y, step, 0.1, 0.99)
+        return m
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    scaled, plain = run(scaler), run(None)
+    assert scaler.get_scale() == 4096.0  # 4 steps, growth every 2: two doublings, not four
+    for (name, a), b in zip(scaled.named_parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
