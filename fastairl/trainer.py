@@ -226,7 +226,8 @@ def _released(loader):
 
 def _batches(loader, stop: StopSignals):
     """The loader's batches. A signal sent to the whole process group also kills the loader's worker
-    processes; the loader then fails, and the epoch ends quietly at this step boundary instead."""
+    processes; the loader then fails, and None comes instead of a batch: the caller's poll stops every
+    process at this step boundary."""
     it = None
     while True:
         try:
@@ -236,6 +237,7 @@ def _batches(loader, stop: StopSignals):
             return
         except Exception:
             if stop.received:
+                yield None  # the caller's poll sees the signal: every process stops at this step
                 return
             raise
         yield batch
@@ -549,7 +551,8 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
             if epoch_file:
                 ckpts.save_periodic(state, step // spe, cfg.train.keep_last_k)
             last_good = f"{path} (step {step})"
-        saved_step = step
+        if collective:  # a main-only (timed) save leaves the closing save to every process
+            saved_step = step
 
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
@@ -564,8 +567,14 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         while step < stop_at and not halt:
             loader.set_epoch(step // spe, start_step=step % spe)
             t_data, start = time.perf_counter(), step
-            for views, labels in _batches(loader, stop):
+            for batch in _batches(loader, stop):
                 window.data_wait += time.perf_counter() - t_data
+                # Every process polls before each step, so all take the same steps: a process whose
+                # loader died with the signal (batch None) has received it, and all stop here.
+                halt = stop.poll()
+                if halt:
+                    break
+                views, labels = batch
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.schedule, cfg.optim.min_lr)
                 mom = momentum_at(step, total_steps, cfg.method.ema.base, cfg.method.ema.schedule)
                 metrics = train_step(model, unwrapped, optimizer, probe_opt, accelerator, views, labels, step,
@@ -595,13 +604,14 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
                 elif main and time.monotonic() - last_ckpt > cfg.train.ckpt_every_minutes * 60:
                     save(collective=False)
                     last_ckpt = time.monotonic()
-                halt = stop.poll()
-                if halt or step >= stop_at:
+                if step >= stop_at:
                     break
                 t_data = time.perf_counter()
+            halt = halt or stop.poll()  # a signal at the last step: the checkpoint before any kNN
             if step % spe == 0 and step > start:  # an epoch ended (the epoch-end checkpoint is below)
                 done = step // spe
-                if cfg.probe.knn_every_epochs and cfg.data.val and done % cfg.probe.knn_every_epochs == 0:
+                if (cfg.probe.knn_every_epochs and cfg.data.val and done % cfg.probe.knn_every_epochs == 0
+                        and not halt):
                     # built (the folders listed) at the first monitored epoch, then reused
                     knn_loaders = knn_loaders or _eval_loaders(cfg, cfg.probe.knn_max_bank, accelerator)
                     acc = knn_monitor(cfg, unwrapped.encoder(), accelerator, loader.num_classes, knn_loaders)

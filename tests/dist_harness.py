@@ -4,8 +4,8 @@
         fastairl/train.py RECIPE [key=value ...]
 
 It observes the real training loop without changing it: thin wrappers around the loader seam,
-`fastairl.trainer.train_step` and `Siamese._enqueue` record each process's model, its first batch and
-the keys it enqueued. When the launch script returns, process r writes DUMP_DIR/rank{r}.pt and the
+`fastairl.trainer.train_step`, `Siamese._enqueue` and `HostComm.reduce` record each process's model,
+its first batch, the keys it enqueued and the host-side collectives it made (they must pair up). When the launch script returns, process r writes DUMP_DIR/rank{r}.pt and the
 harness exits with the script's exit code.
 """
 from __future__ import annotations
@@ -22,11 +22,12 @@ import fastairl.trainer
 from fastairl.methods import Siamese
 from fastairl.pipelines.torch_ref import _collate
 
-seen: dict = {"keys": [], "steps": 0}
+seen: dict = {"keys": [], "steps": 0, "host_reduces": []}
 
 _build_train_loader = fastairl.pipelines.build_train_loader
 _train_step = fastairl.trainer.train_step
 _enqueue = Siamese._enqueue
+_reduce = fastairl.trainer.HostComm.reduce
 
 
 def build_train_loader(*args, **kwargs):
@@ -48,6 +49,11 @@ def enqueue(self, keys):
     _enqueue(self, keys)
 
 
+def reduce(self, values, op):
+    seen["host_reduces"].append((op, len(values)))  # every process must make the same sequence
+    return _reduce(self, values, op)
+
+
 def dump(path: Path) -> None:
     model, loader = seen["model"], seen["loader"]
     sampler = loader.sampler
@@ -57,7 +63,7 @@ def dump(path: Path) -> None:
     torch.save({
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-        "steps": seen["steps"], "keys": seen["keys"], "indices": [[i for _, i in b] for b in batches],
+        "steps": seen["steps"], "keys": seen["keys"], "host_reduces": seen["host_reduces"], "indices": [[i for _, i in b] for b in batches],
         "views0": seen["views0"], "labels0": seen["labels0"],
         "expected_views0": expected_views, "expected_labels0": expected_labels,
     }, path)
@@ -68,6 +74,7 @@ def main() -> int:
     fastairl.pipelines.build_train_loader = build_train_loader
     fastairl.trainer.train_step = train_step
     Siamese._enqueue = enqueue
+    fastairl.trainer.HostComm.reduce = reduce
     sys.argv = [script, *args]
     try:
         runpy.run_path(script, run_name="__main__")

@@ -40,6 +40,8 @@ def _torchrun(tmp_path, recipe, *overrides):
 def _check_lockstep_and_shards(run_dir, ranks, ckpt):
     r0, r1 = ranks
     assert r0["steps"] == r1["steps"] == STEPS
+    # the host-side collectives (stop signals, non-finite checks, bad images) pair up one to one
+    assert r0["host_reduces"] == r1["host_reduces"] and len(r0["host_reduces"]) >= STEPS
     assert ckpt["step"] == STEPS
     # every parameter (student, EMA teacher, online probe) is bit-identical on both processes ...
     assert r0["params"].keys() == r1["params"].keys()
@@ -87,6 +89,24 @@ def test_mocov2plus_two_processes_share_the_queue(tmp_path, images):
     assert not torch.allclose(k0, k1)
     idx = (ptr - GLOBAL_BATCH + torch.arange(GLOBAL_BATCH)) % QUEUE
     assert torch.equal(ckpt["model"]["queue"][idx], torch.cat([k0, k1]))
+
+
+@pytest.mark.slow
+def test_a_timed_checkpoint_at_the_last_step_keeps_the_processes_paired(tmp_path, images):
+    """ckpt_every_minutes=0: rank 0 also saves alone after every step, the last (mid-epoch) one
+    included. The closing save is still every process's: it was rank 1's alone (rank 0 had just
+    saved), so rank 1's collectives in it had no partner."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", images)
+    dump_dir = tmp_path / "dump"
+    dump_dir.mkdir()
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", WORLD,
+                REPO / "tests" / "dist_harness.py", dump_dir, TRAIN_PY, recipe, "train.max_steps=2",
+                "train.ckpt_every_minutes=0", "train.dist_timeout_minutes=1", "--run-dir", tmp_path / "run"],
+               cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(dump_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    assert r0["host_reduces"] == r1["host_reduces"]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 2
 
 
 @pytest.mark.slow

@@ -289,6 +289,19 @@ def test_sigusr1_saves_then_exits_75_and_resume_is_exact(recipe, reference, tmp_
     _same_final_state(run_dir, reference)
 
 
+def test_a_signal_at_an_epoch_end_saves_before_the_knn_monitor(recipe, images, tmp_path, monkeypatch, capsys):
+    """The epoch-end kNN can outlast a scheduler's grace period: after a signal it is skipped, and the
+    epoch-end checkpoint is written at once."""
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _after_step(m, 1, lambda: os.kill(os.getpid(), signal.SIGUSR1))  # step 2: the end of epoch 1
+        m.setattr(trainer, "knn_monitor", lambda *a, **kw: pytest.fail("the kNN monitor ran after the signal"))
+        proc = _cli(capsys, recipe, "--run-dir", run_dir, "train.ckpt_every_steps=0", f"data.val={images}",
+                    "probe.knn_every_epochs=1")
+    assert proc.returncode == cli.EXIT_PREEMPTED, proc.stderr
+    assert checkpoint.load(run_dir / "last.pt")["step"] == 2
+
+
 # --------------------------------------------------------------------------------------- NaN / inf
 def _nan_at(monkeypatch, bad_step: int) -> None:
     """Poison the loss of step `bad_step` (0-based): loss and every gradient become NaN."""
