@@ -51,12 +51,18 @@ def environment(accelerator) -> dict:
     return env
 
 
+def native_bf16() -> bool:
+    """CUDA with bf16 in hardware (Ampere or newer). torch's default check also accepts emulated
+    bf16 (V100, T4), which runs slower than fp16, and allocates on the current GPU to find out."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
     if not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_bf16() else "fp16"
 
 
 class RunLog:

@@ -71,3 +71,19 @@ def test_knn_on_gpu_matches_cpu():
     cpu = knn_accuracies(bf, by, vf, vy, (1, 20, 200), 0.07, 10)
     assert knn_accuracies(bf, by, vf, vy, (1, 20, 200), 0.07, 10, device="cuda") == pytest.approx(cpu, abs=200 / 700 + 1e-9)  # float sums: at most 2 queries
     assert 20 < min(cpu.values()) and max(cpu.values()) < 90  # neither chance nor trivial
+
+
+def test_cuda_rng_state_is_this_gpus_and_older_lists_restore():
+    """A checkpoint keeps the saving process's GPU RNG state only (a resume may see fewer GPUs);
+    checkpoints of every visible GPU's state still restore this GPU's entry."""
+    from fastairl import checkpoint
+
+    state = checkpoint.rng_state()
+    assert isinstance(state["cuda"], torch.Tensor)
+    want = torch.rand(3, device="cuda")
+    checkpoint.set_rng_state(state)
+    assert torch.equal(torch.rand(3, device="cuda"), want)
+    checkpoint.set_rng_state({**state, "cuda": [state["cuda"]] * (torch.cuda.current_device() + 1)})
+    assert torch.equal(torch.rand(3, device="cuda"), want)
+    checkpoint.set_rng_state({**state, "cuda": []})  # saved where this GPU's index did not exist: kept as is
+    assert torch.cuda.is_bf16_supported(including_emulation=False) == (torch.cuda.get_device_capability()[0] >= 8)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, dump_config
 from ..data.augment import linear_train_spec
-from ..trainer import set_cpu_threads
+from ..trainer import native_bf16, set_cpu_threads
 from .features import extract, knn_accuracies
 from .protocols import eval_lr, make_optimizer, peak_lr, set_lrs, topk_correct, train_head_on_features
 
@@ -68,9 +68,10 @@ def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt, state=No
     validation split and the counts are summed."""
     backbone.eval()
     hits, n = torch.zeros(2, device=device), 0
+    amp = device.type == "cuda" and native_bf16()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = head(backbone(x)).float()  # NxC
         hits += torch.stack(topk_correct(logits, y))
         n += y.shape[0]
@@ -112,6 +113,7 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, 
     train_bb = _ddp(backbone, state) if finetune else backbone
     train_head = _ddp(head, state)
     spe = loader.steps_per_epoch
+    amp = device.type == "cuda" and native_bf16()  # emulated bf16 (pre-Ampere) is slower than float32
     for epoch in range(e.epochs):
         backbone.train(finetune)
         loader.set_epoch(epoch)
@@ -120,7 +122,7 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, 
             set_lrs(opt, eval_lr(e, epoch * spe + i, spe))
             x = views[0].to(device, non_blocking=True).contiguous(memory_format=fmt)  # nx3xHxW, n = N / world
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 with torch.set_grad_enabled(finetune):
                     f = train_bb(x)  # nxF
                 loss = F.cross_entropy(train_head(f.float()), y)
