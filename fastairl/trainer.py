@@ -670,14 +670,32 @@ def _eval_features(cfg: Config, encoder: nn.Module, device) -> tuple:
     return tuple(extract(encoder, ld, device, cfg.model.channels_last) for ld in _eval_loaders(cfg))
 
 
+@contextlib.contextmanager
+def _rank0_buffers(module: nn.Module, world: int):
+    """Inside: every process holds rank 0's buffers (BN statistics, the checkpoint's), so per-process
+    BN (shuffle-BN, plain) encodes every process's share alike. After: each its own again."""
+    if world == 1:
+        yield
+        return
+    own = [b.clone() for b in module.buffers()]
+    for b in module.buffers():
+        torch.distributed.broadcast(b, 0)
+    try:
+        yield
+    finally:
+        for b, mine in zip(module.buffers(), own):
+            b.copy_(mine)
+
+
 def knn_monitor(cfg: Config, encoder: nn.Module, accelerator, num_classes: int, loaders: tuple) -> float:
     """Epoch-end kNN top-1 on the held-out split: every process encodes its share of the bank and of
     the queries, gets every query, and searches its share of the bank (the candidates are merged)."""
     from .eval.features import extract, knn_accuracies
 
     bank, val = loaders
-    bf, by = extract(encoder, bank, accelerator.device, cfg.model.channels_last)  # this process's share
-    vf, vy = extract(encoder, val, accelerator.device, cfg.model.channels_last, accelerator)  # every query
+    with _rank0_buffers(encoder, accelerator.num_processes):
+        bf, by = extract(encoder, bank, accelerator.device, cfg.model.channels_last)  # this process's share
+        vf, vy = extract(encoder, val, accelerator.device, cfg.model.channels_last, accelerator)  # every query
     k = cfg.probe.knn_k
     return knn_accuracies(bf, by, vf, vy, (k,), cfg.probe.knn_temperature, num_classes, procs=accelerator)[k]
 

@@ -155,13 +155,21 @@ for n in (40, 2):
     idx = torch.as_tensor(eval_indices(n, None, state.process_index, state.num_processes), dtype=torch.long)
     out[f"knn{n}"] = knn_accuracies(bank_f[:n][idx], bank_y[:n][idx], test_f, test_y, (1, 3, 20), 0.2, 4,
                                     chunk=4, procs=state)
+# the kNN monitor encodes with rank 0's BN statistics, then gives each process its own back
+from fastairl.trainer import _rank0_buffers
+bn = torch.nn.BatchNorm1d(2)
+bn.running_mean.fill_(state.process_index)
+with _rank0_buffers(bn, state.num_processes):
+    out["inside"] = bn.running_mean.clone()
+out["after"] = bn.running_mean.clone()
 torch.save(out, f"{sys.argv[1]}/rank{state.process_index}.pt")
 """
 
 
 @pytest.mark.slow
 def test_gather_strided_and_split_knn_agree_with_one_process(tmp_path):
-    """3 gloo processes, N = 7, 2 and 1 rows: uneven shares and empty ones (without a feature width)."""
+    """3 gloo processes, N = 7, 2 and 1 rows: uneven shares and empty ones (without a feature width);
+    the kNN over a split bank; rank 0's buffers lent to every process."""
     import sys
 
     from tiny_runs import run
@@ -175,6 +183,7 @@ def test_gather_strided_and_split_knn_agree_with_one_process(tmp_path):
     test_f, test_y = torch.randn(9, 5, generator=g), torch.randint(0, 4, (9,), generator=g)
     for r in range(3):
         got = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(got.pop("inside"), torch.zeros(2)) and torch.equal(got.pop("after"), torch.full((2,), r))
         for n in (40, 2):  # the split search equals one process searching the whole bank
             want = knn_accuracies(bank_f[:n], bank_y[:n], test_f, test_y, (1, 3, 20), 0.2, 4)
             assert got.pop(f"knn{n}") == want, (r, n)
