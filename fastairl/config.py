@@ -422,6 +422,12 @@ def _check_values(cfg: Config, sources: dict, origin: str) -> None:
     need(all(n > 0 for n in p.final_labels_per_class), "probe.final_labels_per_class",
          "must be a list of positive integers (labels per class)")
     need(p.final_label_draws > 0, "probe.final_label_draws", "must be positive")
+    need(p.knn_every_epochs >= 0, "probe.knn_every_epochs", "must be >= 0 (0: off)")
+    need(p.knn_k > 0, "probe.knn_k", "must be positive")
+    need(p.knn_temperature > 0, "probe.knn_temperature", "must be positive")
+    need(p.knn_max_bank > 0, "probe.knn_max_bank", "must be positive")
+    need(p.final_linear_epochs > 0, "probe.final_linear_epochs", "must be positive")
+    need(p.lr > 0, "probe.lr", "must be positive")
     e = cfg.eval
     need(e.epochs > 0, "eval.epochs", "must be positive")
     need(e.batch_size > 0, "eval.batch_size", "must be positive")
@@ -431,8 +437,11 @@ def _check_values(cfg: Config, sources: dict, origin: str) -> None:
          "eval.milestones", f"must be increasing epochs inside (0, eval.epochs={e.epochs})")
     need(len(e.knn_k) > 0 and all(k > 0 for k in e.knn_k), "eval.knn_k", "must be a list of positive integers")
     need(e.val_every_epochs >= 0, "eval.val_every_epochs", "must be >= 0 (0: only at the end)")
+    need(e.knn_temperature > 0, "eval.knn_temperature", "must be positive")
     need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
     need(t.ckpt_every_steps >= 0, "train.ckpt_every_steps", "must be >= 0 (0: off)")
+    need(t.ckpt_every_epochs >= 0, "train.ckpt_every_epochs", "must be >= 0 (0: off)")
+    need(t.ckpt_every_minutes >= 0, "train.ckpt_every_minutes", "must be >= 0 (0: after every step)")
     need(t.keep_last_k >= 0, "train.keep_last_k", "must be >= 0 (0: keep all)")
     need(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", "must be positive")
     need(t.resume in ("none", "auto") or Path(t.resume).is_file(), "train.resume",

@@ -257,6 +257,15 @@ def test_override_value_is_checked_too(tmp_path):
     ("optim:\n  trust_coef: 0\n", "optim.trust_coef"),
     ("optim:\n  min_lr: -1.0e-3\n", "optim.min_lr"),
     ("train:\n  resume: /no/such/ckpt.pt\n", "train.resume"),
+    ("probe:\n  knn_max_bank: 0\n", "probe.knn_max_bank"),  # an empty bank, found only after an epoch
+    ("probe:\n  knn_k: 0\n", "probe.knn_k"),
+    ("probe:\n  knn_temperature: 0\n", "probe.knn_temperature"),
+    ("probe:\n  knn_every_epochs: -1\n", "probe.knn_every_epochs"),
+    ("probe:\n  final_linear_epochs: 0\n", "probe.final_linear_epochs"),
+    ("probe:\n  lr: 0\n", "probe.lr"),
+    ("eval:\n  knn_temperature: -0.1\n", "eval.knn_temperature"),
+    ("train:\n  ckpt_every_epochs: -1\n", "train.ckpt_every_epochs"),
+    ("train:\n  ckpt_every_minutes: -5\n", "train.ckpt_every_minutes"),
 ])
 def test_impossible_values(tmp_path, text, key):
     p = write(tmp_path, "r.yaml", text)
