@@ -30,16 +30,23 @@ def _pil(x: np.ndarray) -> Image.Image:
     return Image.fromarray(x)
 
 
-# Stated tolerances, in grey levels: the LUT/blend ops round once where PIL rounds once (<= 1 level
-# off anywhere); hue goes through OpenCV's HSV, not PIL's (mean < 1 level, rare pixels a few levels);
-# blur is OpenCV's fixed-point Gaussian vs torchvision's float one (<= 1 level).
-@pytest.mark.parametrize("name,f", [("brightness", 0.6), ("brightness", 1.4), ("contrast", 0.6),
-                                    ("contrast", 1.4), ("saturation", 0.0), ("saturation", 1.2)])
+# Stated tolerances, in grey levels: brightness and contrast equal PIL's (float32 blend, truncated);
+# saturation differs by 1 level where OpenCV's grey differs from PIL's (rare pixels), with no bias;
+# hue goes through OpenCV's HSV, not PIL's (mean < 1 level, rare pixels a few levels); blur is
+# OpenCV's fixed-point Gaussian vs torchvision's float one (<= 1 level).
+@pytest.mark.parametrize("name,f", [("brightness", 0.6), ("brightness", 1.4), ("brightness", 0.83),
+                                    ("contrast", 0.6), ("contrast", 1.4), ("contrast", 0.83),
+                                    ("saturation", 0.0), ("saturation", 1.2), ("saturation", 0.83)])
 def test_lut_and_blend_ops_match_pil(name, f):
     ours = getattr(cv_aug, name)
     ref = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation}[name]
     for x in PHOTOS:
-        assert _levels(ours(x, f), np.asarray(ref(_pil(x), f))).max() <= 1
+        got, want = ours(x, f).astype(np.int16), np.asarray(ref(_pil(x), f)).astype(np.int16)
+        if name == "saturation":
+            assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01
+            assert abs((got - want).mean()) < 0.02  # truncated like PIL: rounding sat ~0.4 levels above
+        else:
+            assert np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("shift", [-0.1, -0.03, 0.05, 0.1])
