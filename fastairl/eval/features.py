@@ -71,7 +71,10 @@ def knn_accuracies(train_f, train_y, test_f, test_y, ks=(20,), temperature: floa
     (default: procs.device, else train_f's), as float32."""
     multi = procs is not None and procs.num_processes > 1
     device = torch.device(device) if device is not None else (procs.device if procs is not None else train_f.device)
-    bank = F.normalize(train_f.to(device, torch.float32), dim=1) if len(train_y) else None  # nxF, this share
+    bank = None
+    if len(train_y):  # nxF, this share: one copy on the device, normalised in place
+        bank = train_f.to(device, torch.float32, copy=True)
+        bank.div_(bank.norm(dim=1, keepdim=True).clamp_min(1e-12))
     bank_y = train_y.to(device)
     sizes = [len(train_y), int(train_y.max()) + 1 if len(train_y) else 0]
     if multi:
