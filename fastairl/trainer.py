@@ -25,7 +25,7 @@ from torch import nn
 from . import checkpoint
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .data.augment import spec_from_config
-from .data.datasets import DataError
+from .data.datasets import DataError, check_same_classes
 from .methods import build_method, num_views
 from .optim import build_optimizer, set_lr
 from .schedules import lr_at, momentum_at, run_length, scaled_lr
@@ -426,7 +426,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    from fastairl.pipelines import build_train_loader
+    from fastairl.pipelines import build_eval_loader, build_train_loader
 
     run_dir, resume = prepare_run_dir(cfg, run_dir)
     timeout = timedelta(minutes=cfg.train.dist_timeout_minutes)
@@ -455,6 +455,11 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         spec = spec_from_config(cfg.aug, num_views=num_views(cfg))
         loader = build_train_loader(cfg, spec, rank=accelerator.process_index, world_size=world,
                                     device=accelerator.device)
+        if cfg.probe.final_eval and not cfg.data.val:
+            raise ConfigError("probe.final_eval needs data.val (a held-out split)")
+        if cfg.data.val and (cfg.probe.knn_every_epochs or cfg.probe.final_eval):
+            # the kNN monitor's and the final evaluation's labels must mean what the training's mean
+            check_same_classes(loader.classes, build_eval_loader(cfg, cfg.data.val).classes)
     except Exception:
         if main and created:
             with contextlib.suppress(OSError):
@@ -659,8 +664,10 @@ def _eval_loaders(cfg: Config, max_bank: int | None = None, procs=None) -> tuple
     from fastairl.pipelines import build_eval_loader
 
     shard = dict(rank=procs.process_index, world_size=procs.num_processes) if procs is not None else {}
-    return (build_eval_loader(cfg, cfg.data.train, max_samples=max_bank, **shard),
-            build_eval_loader(cfg, cfg.data.val, **shard))
+    bank, val = (build_eval_loader(cfg, cfg.data.train, max_samples=max_bank, **shard),
+                 build_eval_loader(cfg, cfg.data.val, **shard))
+    check_same_classes(bank.classes, val.classes)
+    return bank, val
 
 
 def _eval_features(cfg: Config, encoder: nn.Module, device) -> tuple:
@@ -708,8 +715,6 @@ def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: in
     from .models import build_backbone
 
     p = cfg.probe
-    if not cfg.data.val:
-        raise ConfigError("probe.final_eval needs data.val (a held-out split)")
     torch.manual_seed(cfg.train.seed + 12345)
     random_init = build_backbone(cfg.model.arch, cfg.model.cifar_stem).to(accelerator.device)
     if cfg.model.channels_last:

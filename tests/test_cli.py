@@ -75,6 +75,19 @@ def test_empty_class_folder_is_named(digits_root, recipe, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_val_classes_unlike_train_are_refused_before_training(digits_root, recipe, tmp_path):
+    """Labels are class indices within each split: a val folder without class 3 would label its 4s
+    as 3s. The kNN monitor would report on shifted labels after an epoch; the run refuses at once."""
+    import shutil
+
+    val = small_folder(digits_root / "val", tmp_path / "val", per_class=2)
+    shutil.rmtree(val / "3")
+    proc = run(train_cmd(recipe, f"data.val={val}", "probe.knn_every_epochs=1", "--run-dir", tmp_path / "run"),
+               cwd=tmp_path)
+    one_line_error(proc, "data.val has 9 classes and data.train 10", "only in data.train: 3")
+    assert not (tmp_path / "run").exists()
+
+
 # Put on PYTHONPATH, this makes `nvidia.dali` unimportable in the child, whether DALI is installed or not.
 NO_DALI = """import sys
 

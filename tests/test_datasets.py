@@ -240,3 +240,15 @@ def test_missing_data_extra_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'fastairl\[data\]'"):
         make_digits(tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_check_same_classes_names_the_difference():
+    from fastairl.data.datasets import DataError, check_same_classes
+
+    check_same_classes(["a", "b"], ["a", "b"])
+    with pytest.raises(DataError, match=r"only in data.train: b; only in data.val: z"):
+        check_same_classes(["a", "b", "c"], ["a", "c", "z"])
+    with pytest.raises(DataError, match=r"\(\+2 more\)"):
+        check_same_classes([str(i) for i in range(10)], ["0", "1", "2"])
+    with pytest.raises(DataError, match="another order"):  # file lists and label maps keep their own order
+        check_same_classes(["a", "b"], ["b", "a"])

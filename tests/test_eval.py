@@ -262,6 +262,22 @@ def test_bad_inputs_are_one_line(tmp_path, digits_root):
     assert "eval.protocol" in one_line_error(proc) and "'knn'" in one_line_error(proc)
 
 
+def test_val_classes_unlike_train_are_one_line(tmp_path, digits_root):
+    """kNN / cached features (bank vs val) and the augmented protocols (training loader vs val) both
+    refuse a val split whose classes differ: its labels would be shifted class indices."""
+    import shutil
+
+    from tiny_runs import small_folder
+
+    val = small_folder(digits_root / "val", tmp_path / "val", per_class=2)
+    shutil.rmtree(val / "0")
+    for protocol in ("knn", "linear"):
+        recipe = _tiny_eval_recipe(tmp_path, digits_root, protocol=protocol)
+        proc = _eval(tmp_path, recipe, f"data.val={val}", "data.class_fraction=1.0", "--checkpoint", "random")
+        assert "only in data.train: 0" in one_line_error(proc, "data.val has 9 classes"), protocol
+        assert not (tmp_path / "ev" / "summary.json").exists()
+
+
 def test_an_unreadable_eval_image_is_one_line(tmp_path, digits_root):
     """Evaluation reads every image once, in order: a damaged one stops it, naming the file, not a traceback."""
     from tiny_runs import small_folder

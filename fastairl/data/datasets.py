@@ -124,6 +124,25 @@ def subset(samples: Samples, classes: list[str], keep: list[int]) -> tuple[Sampl
     return kept, [classes[i] for i in keep]
 
 
+def check_same_classes(train_classes: list[str], val_classes: list[str], val_key: str = "data.val") -> None:
+    """Labels are the index of a class in each split's own class list: a split that lacks a class, or
+    has another, would shift the labels silently. Both splits must list the same classes."""
+    if list(train_classes) == list(val_classes):
+        return
+
+    def show(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    only_train = [c for c in train_classes if c not in set(val_classes)]
+    only_val = [c for c in val_classes if c not in set(train_classes)]
+    what = ([f"only in data.train: {show(only_train)}"] if only_train else []) + \
+           ([f"only in {val_key}: {show(only_val)}"] if only_val else [])
+    raise DataError(f"{val_key} has {len(val_classes)} classes and data.train {len(train_classes)}; labels are "
+                    f"class indices within each split, so they would not match ("
+                    + ("; ".join(what) or "the same names in another order") + f"). Give {val_key} the "
+                    f"classes of data.train")
+
+
 def check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size} processes")

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, dump_config
 from ..data.augment import linear_train_spec
+from ..data.datasets import check_same_classes
 from ..trainer import native_bf16, set_cpu_threads
 from .features import extract, knn_accuracies
 from .protocols import eval_lr, make_optimizer, peak_lr, set_lrs, topk_correct, train_head_on_features
@@ -103,6 +104,7 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, 
     e, finetune, device, world = cfg.eval, cfg.eval.protocol == "finetune", state.device, state.num_processes
     spec = linear_train_spec(cfg.aug)
     loader = build_train_loader(_with_batch(cfg), spec, rank=state.process_index, world_size=world, device=device)
+    check_same_classes(loader.classes, val_loader.classes)
     groups = [{"params": list(head.parameters())}]
     if finetune:
         groups.append({"params": list(backbone.parameters()), "lr_mult": e.backbone_lr_mult})
@@ -190,6 +192,7 @@ def evaluate(cfg: Config, run_dir: Optional[str] = None) -> dict:
                "num_processes": world, "lr": peak_lr(e), "schedule": e.schedule, "cache_features": e.cache_features}
     if not augmented:
         bank = build_eval_loader(cfg, cfg.data.train, batch_size=min(256, e.batch_size), **shard)
+        check_same_classes(bank.classes, val.classes)
         knn = e.protocol == "knn"  # kNN searches each process's share of the bank: only the queries gather
         bf, by = extract(backbone, bank, device, cfg.model.channels_last, None if knn else state)
         vf, vy = extract(backbone, val, device, cfg.model.channels_last, state)
