@@ -252,3 +252,20 @@ def test_check_same_classes_names_the_difference():
         check_same_classes([str(i) for i in range(10)], ["0", "1", "2"])
     with pytest.raises(DataError, match="another order"):  # file lists and label maps keep their own order
         check_same_classes(["a", "b"], ["b", "a"])
+
+
+def test_photo_corpus_classes_are_distinct_images():
+    """More classes than photos: rotations and channel orders of each photo, except that a grey photo's
+    channel orders are the same image (they made duplicate classes from the 83rd class on)."""
+    import numpy as np
+
+    from fastairl.data.bundled import _VARIANTS, _photo_classes, _photo_sources
+
+    sources, _ = _photo_sources()
+    classes = _photo_classes(sources)
+    seen = set()
+    for k, v in classes:
+        rot, perm = _VARIANTS[v]
+        seen.add(np.ascontiguousarray(np.rot90(sources[k][1], rot)[..., list(perm)]).tobytes())
+    assert len(seen) == len(classes) > 24 * len(sources) // 2  # every class its own image
+    assert classes[:len(sources)] == [(k, 0) for k in range(len(sources))]  # each photo first, as it is

@@ -132,8 +132,16 @@ def _photo_sources() -> tuple[list[tuple[str, np.ndarray]], list[dict]]:
 
 
 # Variants that turn one photo into several distinguishable classes when more classes than photos
-# are asked for: 4 rotations x 6 channel orders.
+# are asked for: 4 rotations x 6 channel orders (the first 4: the rotations in the photo's own colours).
 _VARIANTS = [(rot, perm) for perm in itertools.permutations(range(3)) for rot in range(4)]
+
+
+def _photo_classes(sources: list[tuple[str, np.ndarray]]) -> list[tuple[int, int]]:
+    """(source index, variant index) of every distinct class, variant by variant: a grey photo's
+    channel orders are the same image, so it gives its 4 rotations only."""
+    grey = [bool((arr == arr[..., :1]).all()) for _, arr in sources]
+    return [(k, v) for v, (_, perm) in enumerate(_VARIANTS) for k in range(len(sources))
+            if not (grey[k] and perm != (0, 1, 2))]
 
 
 def make_photo_corpus(root, n_images: int = 1000, classes: int = 10, seed: int = 0,
@@ -157,15 +165,16 @@ def make_photo_corpus(root, n_images: int = 1000, classes: int = 10, seed: int =
 
     def build(tmp: Path) -> dict:
         sources, skipped = _photo_sources()
-        if classes > len(sources) * len(_VARIANTS):
-            raise DataError(f"photo corpus: at most {len(sources) * len(_VARIANTS)} classes from the "
+        distinct = _photo_classes(sources)
+        if classes > len(distinct):
+            raise DataError(f"photo corpus: at most {len(distinct)} distinct classes from the "
                             f"{len(sources)} available photos, asked for {classes}")
         class_imgs, names = [], []
-        for k in range(classes):
-            name, arr = sources[k % len(sources)]
-            rot, perm = _VARIANTS[k // len(sources)]
+        for k, (src, v) in enumerate(distinct[:classes]):
+            name, arr = sources[src]
+            rot, perm = _VARIANTS[v]
             class_imgs.append(Image.fromarray(np.ascontiguousarray(np.rot90(arr, rot)[..., list(perm)])))
-            names.append(f"{k:03d}_{name}" + (f"_v{k // len(sources)}" if k >= len(sources) else ""))
+            names.append(f"{k:03d}_{name}" + (f"_v{v}" if v else ""))
         for n in names:
             (tmp / "train" / n).mkdir(parents=True)
         counts = {n: 0 for n in names}
