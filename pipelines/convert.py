@@ -262,8 +262,10 @@ def _wait_for_workers(procs, done, n: int, allocations, errors, progress: bool) 
         while written < n:
             _raise_worker_failure(errors, procs)
             now = done.value
-            if now < n and all(p.exitcode == 0 for p in procs):  # exited: the counter is final
-                raise ConvertError(f"the FFCV writer workers exited after {now} of {n} images")
+            if now < n and all(p.exitcode == 0 for p in procs):  # exited: the counter is final now
+                now = done.value  # (read again: the last worker may have counted just before exiting)
+                if now < n:
+                    raise ConvertError(f"the FFCV writer workers exited after {now} of {n} images")
             bar.update(now - written)
             written = now
             time.sleep(0.05)
