@@ -396,12 +396,30 @@ def _cifar_source(kind: str, path: Path, split: str, ratio: float, lt_seed: int,
 
 
 # ------------------------------------------------------------------------------------ the conversion
+def _remove_stale_tmp(out: Path) -> None:
+    """Delete the temporary files of earlier conversions to `out` that were killed (their process is
+    gone): each can be as large as the dataset. A live conversion's file is left alone."""
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: does the process exist?
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # it exists, owned by another user
+            continue
+        old.unlink(missing_ok=True)
+
+
 def _prepare_output(out: Path) -> Path:
     """Create the output folder if needed and claim a temporary file in it (the writability check)."""
     if out.is_dir():
         raise ConvertError(f"output {out} is a folder; give a file name such as {out / 'train.beton'}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(out)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         tmp.open("wb").close()
     except OSError as e:

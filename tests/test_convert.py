@@ -479,3 +479,21 @@ def test_cifar_lt_of_the_test_split_is_refused(cifar10_root, tmp_path):
         convert(cifar10_root[0], tmp_path / "x.beton", source="cifar-lt", split="test", progress=False)
     with pytest.raises(ConvertError, match="not CIFAR"):
         convert(cifar10_root[0], tmp_path / "x.beton", class_fraction=0.5, progress=False)
+
+
+def test_temporary_files_of_killed_conversions_are_removed(tmp_path):
+    """A conversion killed outright leaves its `.NAME.tmp-PID` (as large as the dataset); the next
+    conversion to the same file removes those whose process is gone, and no live one's."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    out = tmp_path / "train.beton"
+    stale, live, other = (tmp_path / f".train.beton.tmp-{dead}", tmp_path / f".train.beton.tmp-{os.getpid()}",
+                          tmp_path / f".val.beton.tmp-{dead}")
+    for f in (stale, live, other):
+        f.write_bytes(b"x")
+    tmp = convert_mod._prepare_output(out)
+    assert not stale.exists() and live.exists() and other.exists()  # another output's files are not ours
+    assert tmp == live
