@@ -138,10 +138,8 @@ class FastairlStep:
         probe_opt = (torch.optim.SGD(model.probe.parameters(), lr=cfg.probe.lr, momentum=0.9)
                      if model.probe is not None else None)
         self.unwrapped = model
-        if probe_opt is not None:
-            self.model, self.optimizer, self.probe_opt = accelerator.prepare(model, optimizer, probe_opt)
-        else:
-            (self.model, self.optimizer), self.probe_opt = accelerator.prepare(model, optimizer), None
+        # as fastairl.trainer.train: the probe's optimizer is not prepared (one scaler update per step)
+        (self.model, self.optimizer), self.probe_opt = accelerator.prepare(model, optimizer), probe_opt
         self.model.train()
         self.fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.step_no = 0

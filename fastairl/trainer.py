@@ -188,8 +188,9 @@ class HostComm:
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (preemption). The handler only records the signal; the loop polls it after
-    every step, the processes agree on it (a host-side max), and all stop after the same step."""
+    """SIGTERM / SIGUSR1 (preemption). The handler only records the signal; the loop polls it before
+    every step and at epoch ends, the processes agree on it (a host-side max), and all stop at the
+    same step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

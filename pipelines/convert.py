@@ -36,12 +36,15 @@ options, classes, counts per class, skipped / converted files, timings and versi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import glob
 import json
 import math
 import multiprocessing
 import os
 import platform
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -396,11 +399,17 @@ def _cifar_source(kind: str, path: Path, split: str, ratio: float, lt_seed: int,
 
 
 # ------------------------------------------------------------------------------------ the conversion
+def _tmp_name(out: Path, pid: int) -> Path:
+    return out.parent / f".{out.name}.tmp-{socket.gethostname()}-{pid}"
+
+
 def _remove_stale_tmp(out: Path) -> None:
-    """Delete the temporary files of earlier conversions to `out` that were killed (their process is
-    gone): each can be as large as the dataset. A live conversion's file is left alone."""
-    for old in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = old.name.rsplit("-", 1)[1]
+    """Delete the temporary files of earlier conversions to `out` on this host that were killed (their
+    process is gone): each can be as large as the dataset. Live conversions' files, and other hosts'
+    (a shared filesystem), are left alone; a file that cannot be deleted is left too."""
+    prefix = _tmp_name(out, 0).name[:-1]  # .NAME.tmp-HOST-
+    for old in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = old.name[len(prefix):]
         if not pid.isdigit():
             continue
         try:
@@ -410,7 +419,8 @@ def _remove_stale_tmp(out: Path) -> None:
             pass
         except PermissionError:  # it exists, owned by another user
             continue
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def _prepare_output(out: Path) -> Path:
@@ -420,7 +430,7 @@ def _prepare_output(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        tmp = _tmp_name(out, os.getpid())
         tmp.open("wb").close()
     except OSError as e:
         raise ConvertError(f"cannot write to the output folder {out.parent} ({type(e).__name__}: "

@@ -482,18 +482,22 @@ def test_cifar_lt_of_the_test_split_is_refused(cifar10_root, tmp_path):
 
 
 def test_temporary_files_of_killed_conversions_are_removed(tmp_path):
-    """A conversion killed outright leaves its `.NAME.tmp-PID` (as large as the dataset); the next
-    conversion to the same file removes those whose process is gone, and no live one's."""
+    """A conversion killed outright leaves its `.NAME.tmp-HOST-PID` (as large as the dataset); the next
+    conversion to the same file on this host removes those whose process is gone, and no live one's."""
     import subprocess
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    out = tmp_path / "train.beton"
-    stale, live, other = (tmp_path / f".train.beton.tmp-{dead}", tmp_path / f".train.beton.tmp-{os.getpid()}",
-                          tmp_path / f".val.beton.tmp-{dead}")
-    for f in (stale, live, other):
+    import socket
+
+    out = tmp_path / "train[1].beton"  # glob characters in the name are literal
+    host = socket.gethostname()
+    stale, live = tmp_path / f".{out.name}.tmp-{host}-{dead}", tmp_path / f".{out.name}.tmp-{host}-{os.getpid()}"
+    other_output = tmp_path / f".train1.beton.tmp-{host}-{dead}"
+    other_host = tmp_path / f".{out.name}.tmp-elsewhere-{dead}"  # a shared filesystem: not ours to judge
+    for f in (stale, live, other_output, other_host):
         f.write_bytes(b"x")
     tmp = convert_mod._prepare_output(out)
-    assert not stale.exists() and live.exists() and other.exists()  # another output's files are not ours
+    assert not stale.exists() and live.exists() and other_output.exists() and other_host.exists()
     assert tmp == live

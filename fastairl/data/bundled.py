@@ -161,7 +161,10 @@ def make_photo_corpus(root, n_images: int = 1000, classes: int = 10, seed: int =
                         f"image), got n_images={n_images}, classes={classes}")
     from PIL import Image
 
-    params = dict(n_images=n_images, classes=classes, seed=seed, min_side=min_side, max_side=max_side)
+    # layout 2: grey photos give their rotations only; a cached corpus of the earlier layout is rebuilt
+    # (beyond 4 variants per photo it had duplicate classes)
+    params = dict(n_images=n_images, classes=classes, seed=seed, min_side=min_side, max_side=max_side,
+                  layout=2)
 
     def build(tmp: Path) -> dict:
         sources, skipped = _photo_sources()
