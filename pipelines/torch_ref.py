@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import signal
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -241,6 +242,14 @@ class _EvalDataset(torch.utils.data.Dataset):
         return _to_normalised(img, self.mean, self.std), label
 
 
+def _outlive_stop_signals(worker_id: int) -> None:
+    """An evaluation worker ignores the SIGTERM / SIGUSR1 that a scheduler sends to the whole process
+    group: the trainer finishes the epoch-end kNN these workers serve, saves, then stops (exit 75).
+    The workers still end with their loader, or on their own once the parent process is gone."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class EvalLoader:
     """Deterministic evaluation: resize the shorter side to `resize`, centre-crop `crop_size`,
     normalise; yields (images Nx3xHxW float32, labels N long) in sample order. `max_samples` keeps an
@@ -258,7 +267,8 @@ class EvalLoader:
         self.crop_size, self.resize = crop_size, resize
         self.loader = torch.utils.data.DataLoader(
             _EvalDataset(samples, crop_size, resize, mean, std), batch_size=batch_size, shuffle=False,
-            num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+            num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+            worker_init_fn=_outlive_stop_signals if workers else None)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -302,6 +302,55 @@ def test_a_signal_at_an_epoch_end_saves_before_the_knn_monitor(recipe, images, t
     assert checkpoint.load(run_dir / "last.pt")["step"] == 2
 
 
+# Runs the launch script with `extract` wrapped: after the first batch of the first feature extraction
+# (the epoch-end kNN monitor's bank) the whole process group gets SIGTERM, as from a scheduler.
+SIGNAL_IN_KNN = """
+import os, runpy, signal, sys, time
+import fastairl.eval.features as features
+
+real, calls = features.extract, []
+
+def extract(encoder, loader, *args, **kwargs):
+    calls.append(1)
+
+    class Signalling:
+        def __iter__(self):
+            for i, batch in enumerate(loader):
+                if i == 0 and len(calls) == 1:
+                    os.killpg(os.getpgid(0), signal.SIGTERM)
+                    time.sleep(1.0)  # the signal reaches the loader's workers while they are alive
+                yield batch
+
+        def __getattr__(self, name):
+            return getattr(loader, name)
+
+    return real(encoder, Signalling(), *args, **kwargs)
+
+features.extract = extract
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_knn_monitor_still_saves_the_epoch(digits_root, tmp_path):
+    """The monitor's loader workers outlive the process-group SIGTERM: the kNN of the epoch ends, the
+    epoch-end checkpoint is written, and the run stops with 75 (the workers used to die, and the run
+    with them: exit 1, no checkpoint). 300 images: the bank takes two batches of 256."""
+    images = small_folder(digits_root / "train", tmp_path / "train", per_class=30)
+    recipe = write_recipe(tmp_path / "tiny.yaml", images, method={"queue_size": 200},
+                          train={"epochs": 2, "batch_size": 100, "ckpt_every_steps": 0},
+                          data={"val": str(images), "workers": 1}, probe={"knn_every_epochs": 1})
+    (tmp_path / "harness.py").write_text(SIGNAL_IN_KNN)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, tmp_path / "harness.py", *train_cmd(recipe, "--run-dir", run_dir)[1:]],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == cli.EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert checkpoint.load(run_dir / "last.pt")["step"] == 3  # the end of epoch 1
+    assert [r["knn_top1"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "knn_top1" in r]  # the epoch's kNN was logged
+
+
 # --------------------------------------------------------------------------------------- NaN / inf
 def _nan_at(monkeypatch, bad_step: int) -> None:
     """Poison the loss of step `bad_step` (0-based): loss and every gradient become NaN."""
