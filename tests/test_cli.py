@@ -88,6 +88,12 @@ def test_val_classes_unlike_train_are_refused_before_training(digits_root, recip
     assert not (tmp_path / "run").exists()
 
 
+def test_final_eval_without_val_is_refused_before_training(recipe, tmp_path):
+    proc = run(train_cmd(recipe, "probe.final_eval=true", "--run-dir", tmp_path / "run"), cwd=tmp_path)
+    one_line_error(proc, "probe.final_eval needs data.val")
+    assert not (tmp_path / "run").exists()  # refused before the first step, not after training
+
+
 # Put on PYTHONPATH, this makes `nvidia.dali` unimportable in the child, whether DALI is installed or not.
 NO_DALI = """import sys
 
