@@ -664,18 +664,10 @@ def _eval_loaders(cfg: Config, max_bank: int | None = None, procs=None) -> tuple
     Accelerator) each reads this process's share."""
     from fastairl.pipelines import build_eval_loader
 
+    # their classes are those train() checked at start (check_same_classes)
     shard = dict(rank=procs.process_index, world_size=procs.num_processes) if procs is not None else {}
-    bank, val = (build_eval_loader(cfg, cfg.data.train, max_samples=max_bank, **shard),
-                 build_eval_loader(cfg, cfg.data.val, **shard))
-    check_same_classes(bank.classes, val.classes)
-    return bank, val
-
-
-def _eval_features(cfg: Config, encoder: nn.Module, device) -> tuple:
-    """Bank and validation features, the whole of both, in this process (the final evaluation)."""
-    from .eval.features import extract
-
-    return tuple(extract(encoder, ld, device, cfg.model.channels_last) for ld in _eval_loaders(cfg))
+    return (build_eval_loader(cfg, cfg.data.train, max_samples=max_bank, **shard),
+            build_eval_loader(cfg, cfg.data.val, **shard))
 
 
 @contextlib.contextmanager
@@ -712,7 +704,7 @@ def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: in
     """kNN + linear probe (cached features) of the trained encoder and of a random-init encoder of
     the same architecture: the baseline the pretraining has to beat. With probe.final_labels_per_class
     also with few labels (mean over stratified draws), where what pretraining learnt matters most."""
-    from .eval.features import PROBE_BATCH, few_label_eval, knn_accuracy, linear_probe
+    from .eval.features import PROBE_BATCH, extract, few_label_eval, knn_accuracy, linear_probe
     from .models import build_backbone
 
     p = cfg.probe
@@ -720,9 +712,9 @@ def final_evaluation(cfg: Config, model: nn.Module, accelerator, num_classes: in
     random_init = build_backbone(cfg.model.arch, cfg.model.cifar_stem).to(accelerator.device)
     if cfg.model.channels_last:
         random_init = random_init.to(memory_format=torch.channels_last)
-    out = {}
+    out, loaders = {}, _eval_loaders(cfg)  # the whole of both splits, in this process
     for name, enc in (("pretrained", model.encoder()), ("random_init", random_init)):
-        (bf, by), (vf, vy) = _eval_features(cfg, enc, accelerator.device)
+        (bf, by), (vf, vy) = (extract(enc, ld, accelerator.device, cfg.model.channels_last) for ld in loaders)
         knn = knn_accuracy(bf, by, vf, vy, p.knn_k, p.knn_temperature, num_classes)
         lin = linear_probe(bf, by, vf, vy, num_classes, epochs=p.final_linear_epochs, seed=cfg.train.seed)
         out[name] = {"knn_top1": knn, "linear_top1": lin["top1"], "linear_top5": lin["top5"]}

@@ -133,8 +133,9 @@ def check_same_classes(train_classes: list[str], val_classes: list[str], val_key
     def show(names: list[str]) -> str:
         return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
-    only_train = [c for c in train_classes if c not in set(val_classes)]
-    only_val = [c for c in val_classes if c not in set(train_classes)]
+    in_train, in_val = set(train_classes), set(val_classes)
+    only_train = [c for c in train_classes if c not in in_val]
+    only_val = [c for c in val_classes if c not in in_train]
     what = ([f"only in data.train: {show(only_train)}"] if only_train else []) + \
            ([f"only in {val_key}: {show(only_val)}"] if only_val else [])
     raise DataError(f"{val_key} has {len(val_classes)} classes and data.train {len(train_classes)}; labels are "
