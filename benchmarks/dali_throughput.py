@@ -16,6 +16,7 @@ thread sweep leaves out the torch reference, slow and prefetch-bound there). Not
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -65,19 +66,22 @@ def _time_batches(loader, warmup: int, steps: int, batch: int, device: Optional[
 
 def dali_images_per_s(paths: Sequence[str], spec, batch: int, threads: int, *, decode: str = "once",
                       device_id: Optional[int] = None, warmup: int = 2, steps: int = 8,
-                      repeats: int = 3) -> dict:
+                      repeats: int = 3, hw_decoder_load: Optional[float] = None) -> dict:
     """Dual-view images/s of the DALI train pipeline on `paths` (JPEGs): median/min/max over
-    `repeats` fresh pipelines, each timing `steps` batches after `warmup`."""
-    from fastairl.pipelines.dali import DaliTrainLoader
+    `repeats` fresh pipelines, each timing `steps` batches after `warmup`. `hw_decoder_load`: the
+    `mixed` decoder's share for the hardware JPEG decoder (None: the loader's default)."""
+    from fastairl.pipelines.dali import HW_DECODER_LOAD, DaliTrainLoader
 
+    load = HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load
     device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
     rates = []
     for _ in range(repeats):
         loader = DaliTrainLoader(_repeat(paths, warmup + steps, batch), ["0"], spec, batch, threads=threads,
-                                 device_id=device_id, decode=decode)
+                                 device_id=device_id, decode=decode, hw_decoder_load=load)
         rates.append(_time_batches(loader, warmup, steps, batch, device))
     return {"images_per_s": _summary(rates), "threads": threads, "decode": decode, "batch": batch,
-            "device": str(device), "views": spec.num_views, "crop": spec.views[0].crop_size}
+            "device": str(device), "views": spec.num_views, "crop": spec.views[0].crop_size,
+            "hw_decoder_load": load}
 
 
 def torch_images_per_s(paths: Sequence[str], spec, batch: int, workers: int, *, warmup: int = 2, steps: int = 8,
@@ -127,12 +131,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--out", default="bench_out/dali_throughput.json")
     p.add_argument("--paths", default=",".join(PATHS),
                    help="comma-separated paths to measure (a GPU thread sweep can leave out the CPU reference)")
+    p.add_argument("--hw-decoder-load", default="",
+                   help="comma-separated shares for the GPU's hardware JPEG decoder, each measured as its own "
+                        "DALI path (name@hwX); default: the loader's")
     p.add_argument("--quick", action="store_true", help="120 images, crop 64, batch 8, 2 steps, 2 rounds")
     args = p.parse_args(argv)
     paths_run = args.paths.split(",")
     unknown = sorted(set(paths_run) - set(PATHS))
     if unknown:
         p.error(f"unknown --paths {unknown}; valid: {', '.join(PATHS)}")
+    try:
+        loads = [float(x) for x in args.hw_decoder_load.split(",")] if args.hw_decoder_load else [None]
+    except ValueError:
+        p.error(f"--hw-decoder-load takes comma-separated numbers in [0, 1], got {args.hw_decoder_load!r}")
+    if any(x is not None and not 0 <= x <= 1 for x in loads):
+        p.error(f"--hw-decoder-load takes numbers in [0, 1], got {args.hw_decoder_load!r}")
     if args.quick:
         args.images, args.crop, args.batch, args.steps, args.rounds = 120, 64, 8, 2, 2
     torch.set_num_threads(1)  # the workers / DALI threads do the work; see bench_step.py on oversubscription
@@ -143,19 +156,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
     spec = make_spec(args.preset, crop_size=args.crop)
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     kw = dict(warmup=args.warmup, steps=args.steps, repeats=1)
-    measure = {
-        "dali_decode_once": lambda: dali_images_per_s(paths, spec, args.batch, args.threads, device_id=device_id,
-                                                      **kw),
-        "dali_roi_decode": lambda: dali_images_per_s(paths, spec, args.batch, args.threads, decode="roi",
-                                                     device_id=device_id, **kw),
-        "torch_ref": lambda: torch_images_per_s(paths, spec, args.batch, args.threads, **kw)}
-    runs = {name: [] for name in paths_run}
+    measure = {"torch_ref": lambda: torch_images_per_s(paths, spec, args.batch, args.threads, **kw)}
+    for decode, path in (("once", "dali_decode_once"), ("roi", "dali_roi_decode")):
+        for load in loads:
+            measure[path if len(loads) == 1 else f"{path}@hw{load}"] = functools.partial(
+                dali_images_per_s, paths, spec, args.batch, args.threads, decode=decode, device_id=device_id,
+                hw_decoder_load=load, **kw)
+    names = [n for path in PATHS if path in paths_run for n in measure if n.split("@")[0] == path]
+    runs = {name: [] for name in names}
     for _ in range(args.rounds):  # each round measures every path once, in turn
-        for name in paths_run:
+        for name in names:
             runs[name].append(measure[name]())
     results = {name: _summary([r["images_per_s"]["median"] for r in rs]) for name, rs in runs.items()}
     ref = results["torch_ref"]["median"] if "torch_ref" in results else None
-    params = {**vars(args), "device": "cuda" if device_id is not None else "cpu"}
+    from fastairl.pipelines.dali import HW_DECODER_LOAD
+
+    params = {**vars(args), "device": "cuda" if device_id is not None else "cpu",
+              "hw_decoder_load": [HW_DECODER_LOAD if x is None else x for x in loads]}
     report = {"environment": _environment(), "params": params,
               "corpus": {k: manifest[k] for k in ("size", "quality", "totals")}, "images_per_s": results,
               "ratio_to_torch_ref": {name: r["median"] / ref for name, r in results.items()} if ref else None}
