@@ -231,6 +231,20 @@ def _released(loader):
             close()
 
 
+@contextlib.contextmanager
+def _joined(writer: checkpoint.BackgroundWriter, log):
+    """On an error in the training loop, the checkpoint being written still reaches the disk before
+    the error leaves the trainer (a failure of that write too is logged)."""
+    try:
+        yield
+    except BaseException:
+        try:
+            writer.wait()
+        except Exception as e:
+            log.info(f"warning: the checkpoint being written when training stopped failed too: {e}")
+        raise
+
+
 def _batches(loader, stop: StopSignals):
     """The loader's batches. A signal sent to the whole process group also kills the loader's worker
     processes; the loader then fails, and None comes instead of a batch: the caller's poll stops every
@@ -537,20 +551,25 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     last_good = f"{resume_from} (step {step})" if resume_from is not None else "none (no checkpoint written yet)"
     saved_step = step if resume_from is not None else -1
 
+    writer = checkpoint.BackgroundWriter()
+
     def check_finite(collective: bool) -> None:
         """train.nan_policy=stop: raise if any step so far had a non-finite loss or gradient."""
         if cfg.train.nan_policy != "stop":
             return
         count, first = guard.bad_steps(collective)
         if count:
+            writer.wait()  # the checkpoint named below is on disk
             raise NonFiniteError(
                 f"non-finite loss or gradients at step {first} ({count} bad step(s) up to step {step}); "
                 f"stopped without saving: the last good checkpoint is {last_good}; lower optim.base_lr "
                 f"or set train.nan_policy=skip")
 
     def save(epoch_file: bool = False, collective: bool = True) -> None:
-        """Checkpoint the state after `step` steps (main process), never one after a non-finite step."""
+        """Checkpoint the state after `step` steps (main process), never one after a non-finite step.
+        The main process copies the state to host memory; `writer` writes it while training goes on."""
         nonlocal last_good, saved_step
+        writer.wait()  # a failed write stops the run here; last_good below names a file on disk
         check_finite(collective)
         if main:
             state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
@@ -559,10 +578,14 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
                      "step": step, "epoch": step / spe, "config": config_to_dict(cfg),
                      "rng": checkpoint.rng_state(), "knn": summary["knn"], "nonfinite_skipped": guard.skipped,
                      "log_window": window.state_dict()}
-            path = ckpts.save_last(state)
-            if epoch_file:
-                ckpts.save_periodic(state, step // spe, cfg.train.keep_last_k)
-            last_good = f"{path} (step {step})"
+
+            def write(copy: dict, epoch: int = step // spe) -> None:
+                ckpts.save_last(copy)
+                if epoch_file:
+                    ckpts.save_periodic(copy, epoch, cfg.train.keep_last_k)
+
+            writer.submit(write, state)
+            last_good = f"{run_dir / checkpoint.LAST} (step {step})"
         if collective:  # a main-only (timed) save leaves the closing save to every process
             saved_step = step
 
@@ -575,7 +598,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
         progress = tqdm(total=stop_at, initial=step, dynamic_ncols=True, desc=cfg.name)
     model.train()
     halt, knn_loaders = 0, None
-    with StopSignals(comm) as stop, _released(loader):
+    with StopSignals(comm) as stop, _released(loader), _joined(writer, log):
         while step < stop_at and not halt:
             loader.set_epoch(step // spe, start_step=step % spe)
             t_data, start = time.perf_counter(), step
@@ -636,6 +659,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
             halt = halt or stop.poll()  # a signal during the epoch end
         if saved_step != step:
             save()  # stopped mid-epoch (max_steps or a signal): resumable from here
+        writer.wait()  # on disk before the exit on a signal, the final evaluation and the summary
     if progress is not None:
         progress.close()
     if halt:

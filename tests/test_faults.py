@@ -164,6 +164,41 @@ def test_last_is_rotated_and_periodic_ones_pruned(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_003.pt", "epoch_004.pt"]
 
 
+def test_background_writes_keep_the_state_of_the_save_one_at_a_time_and_report_failures(tmp_path):
+    """The state is copied when `submit` returns (training then changes it in place); a write waits for
+    the one before it; a failed write is raised by the next submit or wait, once."""
+    writer, events = checkpoint.BackgroundWriter(), []
+    state = _state(1)
+
+    def slow(copy):
+        events.append(("start", copy["step"]))
+        time.sleep(0.3)
+        checkpoint.save(copy, tmp_path / f"s{copy['step']}.pt")
+        events.append(("end", copy["step"]))
+
+    writer.submit(slow, state)
+    w = state["model"]["w"].clone()
+    state["model"]["w"].add_(1.0)  # the next training step, in place, while step 1 is being written
+    state["step"] = 2
+    writer.submit(slow, state)
+    writer.wait()
+    assert events == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert torch.equal(checkpoint.load(tmp_path / "s1.pt")["model"]["w"], w)
+    assert torch.equal(checkpoint.load(tmp_path / "s2.pt")["model"]["w"], w + 1)
+
+    def full(copy):
+        raise checkpoint.CheckpointError("cannot write checkpoint x (No space left on device)")
+
+    writer.submit(full, state)  # returns: the failure is the background thread's
+    with pytest.raises(checkpoint.CheckpointError, match="No space left"):
+        writer.submit(slow, state)
+    assert events[-1] == ("end", 2)  # the submit that raised wrote nothing
+    writer.submit(full, state)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left"):
+        writer.wait()
+    writer.wait()  # reported once
+
+
 def test_latest_falls_back_to_the_newest_good_checkpoint(tmp_path):
     ckpts = checkpoint.RunCheckpoints(tmp_path)
     ckpts.save_last(_state(4))
