@@ -75,34 +75,59 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def snapshot(obj: Any) -> Any:
+def snapshot(obj: Any, pinned: Optional[list[torch.Tensor]] = None) -> Any:
     """A copy of `obj` with every tensor copied to the CPU (CPU tensors too): training may change the
-    originals in place while the copy is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
+    originals in place while the copy is written. GPU tensors go to page-locked buffers in `pinned`
+    (reused from the previous snapshot where shape and dtype match, else replaced), copied without a
+    wait each and synchronised once at the end: a pageable copy of each tensor in turn took ~0.4 s for
+    a BYOL ResNet-50 on an H100 machine. The buffers must not be reused while a write reads them."""
+    pinned = [] if pinned is None else pinned
+    gpu = []  # the devices copied from, synchronised once below
+    counter = iter(range(1 << 62))
+
+    def copy(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            if x.device.type != "cuda":
+                return x.to("cpu", copy=True)
+            i = next(counter)
+            if i == len(pinned):
+                pinned.append(None)
+            buf = pinned[i]
+            if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+                buf = pinned[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            if x.device not in gpu:
+                gpu.append(x.device)
+            return buf.copy_(x, non_blocking=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(obj)
+    for device in gpu:
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 class BackgroundWriter:
     """Runs checkpoint writes on one background thread, one at a time, so that training goes on while
     the state is digested, written, fsynced and read back (1.7 s per epoch for a BYOL ResNet-50 on an
     H100 machine, where the step took 0.09 s). `submit` first waits for the previous write and raises its
-    error (a CheckpointError: full disk, ...); `wait` does the same at the end of training, before an
-    exit on a signal, and before a message names the last good checkpoint. Memory: one copy of the
-    state in host memory while it is written."""
+    error (a CheckpointError: full disk, ...), so epochs shorter than a write still wait for the rest of
+    it; `wait` does the same at the end of training, before an exit on a signal, and before a message
+    names the last good checkpoint. Memory: one copy of the state in host memory while it is written."""
 
     def __init__(self) -> None:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._pinned: list[torch.Tensor] = []  # snapshot's page-locked buffers, reused save after save
 
     def submit(self, write: Callable[[dict], Any], state: dict) -> None:
         """`write(copy)` on the background thread, `copy` being `snapshot(state)` taken now."""
-        self.wait()
-        copy = snapshot(state)
+        self.wait()  # the previous write is done with the buffers
+        copy = snapshot(state, self._pinned)
         # not a daemon: an exception in the training loop leaves the interpreter waiting for the write
         self._thread = threading.Thread(target=self._run, args=(write, copy), name="checkpoint-writer")
         self._thread.start()

@@ -87,3 +87,24 @@ def test_cuda_rng_state_is_this_gpus_and_older_lists_restore():
     assert torch.equal(torch.rand(3, device="cuda"), want)
     checkpoint.set_rng_state({**state, "cuda": []})  # saved where this GPU's index did not exist: kept as is
     assert torch.cuda.is_bf16_supported(including_emulation=False) == (torch.cuda.get_device_capability()[0] >= 8)
+
+
+def test_checkpoint_snapshot_of_gpu_state_is_pinned_reused_and_unaffected_by_later_steps():
+    """GPU tensors are copied without a wait each into page-locked buffers, synchronised once: the copy
+    holds the values of the save (the next step's in-place updates come after), and a second snapshot
+    reuses the buffers."""
+    from fastairl import checkpoint
+
+    conv = torch.nn.Conv2d(3, 8, 3).cuda().to(memory_format=torch.channels_last)
+    state = {"model": conv.state_dict(), "step": 3, "ok": [torch.ones(2, device="cuda"), torch.zeros(1)]}
+    want = {k: v.cpu().clone() for k, v in conv.state_dict().items()}
+    pinned = []
+    copy = checkpoint.snapshot(state, pinned)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # queued right after the copies
+    assert copy["step"] == 3 and all(torch.equal(copy["model"][k], want[k]) for k in want)
+    assert all(t.is_pinned() for t in copy["model"].values()) and not copy["ok"][1].is_pinned()
+    assert len(pinned) == 3  # weight, bias, ok[0]: the CPU tensor is cloned, not pinned
+    ptrs = [t.data_ptr() for t in pinned]
+    again = checkpoint.snapshot(state, pinned)
+    assert [t.data_ptr() for t in pinned] == ptrs and torch.equal(again["model"]["weight"], 2 * want["weight"])
