@@ -489,6 +489,14 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     if epochs != cfg.train.epochs:
         log.info(f"train.keep_iterations, data.class_fraction={cfg.data.class_fraction:g}: {epochs} epochs of "
                  f"{spe} steps, warm-up {warmup_epochs:g} epochs ({warmup_steps} steps)")
+        # the epoch intervals are not scaled (periodic files keep their names for studies): say what they give
+        every = {key: n for key, n in (("probe.knn_every_epochs", cfg.probe.knn_every_epochs if cfg.data.val else 0),
+                                      ("train.ckpt_every_epochs", cfg.train.ckpt_every_epochs)) if n}
+        if any(epochs // n > cfg.train.epochs // n for n in every.values()):
+            log.info("note: " + "; ".join(
+                f"{key}={n} gives {epochs // n} times in {epochs} epochs ({cfg.train.epochs // n} in the full "
+                f"recipe's {cfg.train.epochs}; {key}={round(n * epochs / cfg.train.epochs)} keeps that)"
+                for key, n in every.items()))
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
     if warmup_steps >= total_steps:
         log.info(f"warning: optim.warmup_epochs={cfg.optim.warmup_epochs:g} covers all {cfg.train.epochs} epochs: the lr "

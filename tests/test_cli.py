@@ -165,7 +165,8 @@ def test_module_entry_point_and_class_subset_is_repeatable(recipe, fraction_run,
     # overrides may also follow the options
     proc = run([sys.executable, "-m", "fastairl.cli", "train", recipe, "--run-dir", run_dir,
                 "data.class_fraction=0.5", "train.max_steps=1", "optim.warmup_epochs=3",
-                "probe.final_labels_per_class=[2]", "train.keep_iterations=true"], cwd=tmp_path)
+                "probe.final_labels_per_class=[2]", "train.keep_iterations=true", "train.ckpt_every_epochs=1"],
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "classes.txt").read_text() == (fraction_run / "classes.txt").read_text()
     assert sorted(losses(run_dir)) == [1]
@@ -174,6 +175,9 @@ def test_module_entry_point_and_class_subset_is_repeatable(recipe, fraction_run,
     assert "warning: optim.warmup_epochs=3 covers all 2 epochs" in log
     # half the classes, the full run's iterations: twice the epochs, and twice the warm-up epochs
     assert re.search(r"class_fraction=0.5: 4 epochs of (\d+) steps, warm-up 6 epochs \((\d+) steps\)", log)
+    # the epoch intervals are not scaled: what they give is said, with the value that keeps the cadence
+    assert ("note: train.ckpt_every_epochs=1 gives 4 times in 4 epochs (2 in the full recipe's 2; "
+            "train.ckpt_every_epochs=2 keeps that)") in log
     # few-label evaluation asked for without the final evaluation: said, not silently dropped
     assert "warning: probe.final_labels_per_class=[2] is ignored: probe.final_eval is false" in log
 

@@ -173,8 +173,10 @@ def expected_for(rel: str) -> dict:
         return expected(ROWS[method]._replace(name=Path(rel).stem, arch=arch, epochs=epochs))
     if rel in SUBSAMPLE:
         row = ROWS["mocov2plus.yaml"]
+        f = SUBSAMPLE[rel]  # the epoch intervals scale with the epochs: the full run's cadence in steps
         return {**expected(row._replace(name=f"mocov2plus_{Path(rel).stem}")),
-                "data.class_fraction": SUBSAMPLE[rel], "train.keep_iterations": True}
+                "data.class_fraction": f, "train.keep_iterations": True,
+                "probe.knn_every_epochs": max(1, round(1 / f)), "train.ckpt_every_epochs": round(50 / f)}
     if rel in ABLATION:
         method, level = ABLATION[rel]
         row = ROWS[method]._replace(name=Path(rel).stem, aug="byol_sym")
