@@ -30,7 +30,9 @@ from typing import Optional, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ("dali_decode_once", "dali_roi_decode", "torch_ref")  # what main() can measure, in its order
+# what main() can measure, in its order; dali_device_aug: DALI decodes, crops and flips (uint8), and
+# fastairl.data.device_aug finishes the views on the same device (the trainer's aug.on_device=true)
+PATHS = ("dali_decode_once", "dali_roi_decode", "dali_device_aug", "torch_ref")
 
 
 def _summary(values: list[float]) -> dict:
@@ -66,10 +68,12 @@ def _time_batches(loader, warmup: int, steps: int, batch: int, device: Optional[
 
 def dali_images_per_s(paths: Sequence[str], spec, batch: int, threads: int, *, decode: str = "once",
                       device_id: Optional[int] = None, warmup: int = 2, steps: int = 8,
-                      repeats: int = 3, hw_decoder_load: Optional[float] = None) -> dict:
+                      repeats: int = 3, hw_decoder_load: Optional[float] = None, device_aug: bool = False) -> dict:
     """Dual-view images/s of the DALI train pipeline on `paths` (JPEGs): median/min/max over
     `repeats` fresh pipelines, each timing `steps` batches after `warmup`. `hw_decoder_load`: the
-    `mixed` decoder's share for the hardware JPEG decoder (None: the loader's default)."""
+    `mixed` decoder's share for the hardware JPEG decoder (None: the loader's default). `device_aug`:
+    DALI stops at uint8 crops and the on-device module finishes them."""
+    from fastairl.data.device_aug import DeviceAugLoader
     from fastairl.pipelines.dali import HW_DECODER_LOAD, DaliTrainLoader
 
     load = HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load
@@ -77,11 +81,15 @@ def dali_images_per_s(paths: Sequence[str], spec, batch: int, threads: int, *, d
     rates = []
     for _ in range(repeats):
         loader = DaliTrainLoader(_repeat(paths, warmup + steps, batch), ["0"], spec, batch, threads=threads,
-                                 device_id=device_id, decode=decode, hw_decoder_load=load)
-        rates.append(_time_batches(loader, warmup, steps, batch, device))
+                                 device_id=device_id, decode=decode, hw_decoder_load=load, finish=not device_aug)
+        try:
+            timed = DeviceAugLoader(loader, spec, device) if device_aug else loader
+            rates.append(_time_batches(timed, warmup, steps, batch, device))
+        finally:
+            loader.close()
     return {"images_per_s": _summary(rates), "threads": threads, "decode": decode, "batch": batch,
             "device": str(device), "views": spec.num_views, "crop": spec.views[0].crop_size,
-            "hw_decoder_load": load}
+            "hw_decoder_load": load, "device_aug": device_aug}
 
 
 def torch_images_per_s(paths: Sequence[str], spec, batch: int, workers: int, *, warmup: int = 2, steps: int = 8,
@@ -157,11 +165,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     kw = dict(warmup=args.warmup, steps=args.steps, repeats=1)
     measure = {"torch_ref": lambda: torch_images_per_s(paths, spec, args.batch, args.threads, **kw)}
-    for decode, path in (("once", "dali_decode_once"), ("roi", "dali_roi_decode")):
+    for decode, device_aug, path in (("once", False, "dali_decode_once"), ("roi", False, "dali_roi_decode"),
+                                     ("once", True, "dali_device_aug")):
         for load in loads:
             measure[path if len(loads) == 1 else f"{path}@hw{load}"] = functools.partial(
                 dali_images_per_s, paths, spec, args.batch, args.threads, decode=decode, device_id=device_id,
-                hw_decoder_load=load, **kw)
+                hw_decoder_load=load, device_aug=device_aug, **kw)
     names = [n for path in PATHS if path in paths_run for n in measure if n.split("@")[0] == path]
     runs = {name: [] for name in names}
     for _ in range(args.rounds):  # each round measures every path once, in turn

@@ -123,11 +123,14 @@ def test_dali_throughput_measures_only_the_paths_asked_for(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "unknown --paths ['torch']" in bad.stderr
     # a sweep of the hardware decoder's share: one path per value, each recorded with its value
+    # (and DALI's uint8 crops finished by the on-device module, named after the path)
     proc = subprocess.run([sys.executable, script, "--quick", "--images", "40", "--rounds", "1", "--paths",
-                           "dali_decode_once", "--hw-decoder-load", "0.65,1", "--out", str(out)],
+                           "dali_device_aug,dali_decode_once", "--hw-decoder-load", "0.65,1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert list(json.loads(out.read_text())["images_per_s"]) == ["dali_decode_once@hw0.65", "dali_decode_once@hw1.0"]
+    got = json.loads(out.read_text())["images_per_s"]
+    assert list(got) == ["dali_decode_once@hw0.65", "dali_decode_once@hw1.0", "dali_device_aug@hw0.65",
+                         "dali_device_aug@hw1.0"] and all(_finite(r["median"]) for r in got.values())
     for value in ("0.5,x", "1.5"):
         bad = subprocess.run([sys.executable, script, "--hw-decoder-load", value, "--out", str(out)],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
