@@ -63,13 +63,18 @@ def _with_batch(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=cfg.eval.batch_size))
 
 
+def _bf16(device) -> bool:
+    """Autocast to bf16 on GPUs that have it in hardware (emulated bf16, pre-Ampere, is slower than fp32)."""
+    return device.type == "cuda" and native_bf16()
+
+
 @torch.no_grad()
 def accuracy(backbone: nn.Module, head: nn.Module, loader, device, fmt, state=None) -> dict:
     """Top-1/5 over `loader`; with `state` of several processes, each reads its share of the
     validation split and the counts are summed."""
     backbone.eval()
     hits, n = torch.zeros(2, device=device), 0
-    amp = device.type == "cuda" and native_bf16()
+    amp = _bf16(device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -115,7 +120,7 @@ def train_epochs(cfg: Config, backbone: nn.Module, head: nn.Module, state, fmt, 
     train_bb = _ddp(backbone, state) if finetune else backbone
     train_head = _ddp(head, state)
     spe = loader.steps_per_epoch
-    amp = device.type == "cuda" and native_bf16()  # emulated bf16 (pre-Ampere) is slower than float32
+    amp = _bf16(device)
     for epoch in range(e.epochs):
         backbone.train(finetune)
         loader.set_epoch(epoch)
