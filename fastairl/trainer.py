@@ -657,6 +657,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
                         and not halt):
                     # built (the folders listed) at the first monitored epoch, then reused
                     knn_loaders = knn_loaders or _eval_loaders(cfg, cfg.probe.knn_max_bank, accelerator)
+                    writer.wait()  # its loader forks worker processes: none while a write's thread runs
                     acc = knn_monitor(cfg, unwrapped.encoder(), accelerator, loader.num_classes, knn_loaders)
                     if main:
                         summary["knn"].append({"epoch": done, "top1": acc})
