@@ -129,8 +129,9 @@ class BackgroundWriter:
         self.wait()  # the previous write is done with the buffers
         copy = snapshot(state, self._pinned)
         # not a daemon: an exception in the training loop leaves the interpreter waiting for the write
-        self._thread = threading.Thread(target=self._run, args=(write, copy), name="checkpoint-writer")
-        self._thread.start()
+        thread = threading.Thread(target=self._run, args=(write, copy), name="checkpoint-writer")
+        thread.start()
+        self._thread = thread
 
     def _run(self, write: Callable[[dict], Any], copy: dict) -> None:
         try:

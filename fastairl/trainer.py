@@ -567,18 +567,22 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
             return
         count, first = guard.bad_steps(collective)
         if count:
-            writer.wait()  # the checkpoint named below is on disk
+            also = ""
+            try:
+                writer.wait()  # last_good below is the newest checkpoint on disk
+            except checkpoint.CheckpointError as e:  # the run stops for the NaN (exit 3) all the same
+                also = f"; the last checkpoint write failed too: {e}"
             raise NonFiniteError(
                 f"non-finite loss or gradients at step {first} ({count} bad step(s) up to step {step}); "
                 f"stopped without saving: the last good checkpoint is {last_good}; lower optim.base_lr "
-                f"or set train.nan_policy=skip")
+                f"or set train.nan_policy=skip{also}")
 
     def save(epoch_file: bool = False, collective: bool = True) -> None:
         """Checkpoint the state after `step` steps (main process), never one after a non-finite step.
         The main process copies the state to host memory; `writer` writes it while training goes on."""
         nonlocal last_good, saved_step
-        writer.wait()  # a failed write stops the run here; last_good below names a file on disk
-        check_finite(collective)
+        check_finite(collective)  # every process, first: a NaN is the error even when a write failed too
+        writer.wait()  # the previous write (main process): if it failed, the run stops here
         if main:
             state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                      "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
@@ -587,13 +591,13 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
                      "rng": checkpoint.rng_state(), "knn": summary["knn"], "nonfinite_skipped": guard.skipped,
                      "log_window": window.state_dict()}
 
-            def write(copy: dict, epoch: int = step // spe) -> None:
-                ckpts.save_last(copy)
+            def write(copy: dict, epoch: int = step // spe) -> None:  # on the writer's thread
+                nonlocal last_good
+                last_good = f"{ckpts.save_last(copy)} (step {copy['step']})"  # once it is on disk
                 if epoch_file:
                     ckpts.save_periodic(copy, epoch, cfg.train.keep_last_k)
 
             writer.submit(write, state)
-            last_good = f"{run_dir / checkpoint.LAST} (step {step})"
         if collective:  # a main-only (timed) save leaves the closing save to every process
             saved_step = step
 

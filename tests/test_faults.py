@@ -412,6 +412,23 @@ def test_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(recipe, tmp_
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_nan_stop_after_a_failed_background_write_still_stops_for_the_nan(recipe, tmp_path, monkeypatch):
+    """The step-2 checkpoint write fails on the writer's thread; the NaN found before the step-4 save is
+    still the error (exit 3), it names no checkpoint as good, and says the write failed too."""
+    run_dir = tmp_path / "run"
+    _nan_at(monkeypatch, 2)
+
+    def full(self, state):
+        raise checkpoint.CheckpointError("cannot write checkpoint last.pt (No space left on device)")
+
+    monkeypatch.setattr(checkpoint.RunCheckpoints, "save_last", full)
+    with pytest.raises(trainer.NonFiniteError) as e:
+        _train(recipe, run_dir, "train.log_every=100", "train.ckpt_every_steps=0")
+    assert "last good checkpoint is none (no checkpoint written yet)" in str(e.value)
+    assert str(e.value).endswith("; the last checkpoint write failed too: cannot write checkpoint last.pt "
+                                 "(No space left on device)")
+
+
 def test_diverging_run_exits_3_with_one_line(recipe, tmp_path, capsys):
     """A real divergence, nothing injected: lr 1e30 makes the step-2 loss NaN."""
     proc = _cli(capsys, recipe, "--run-dir", tmp_path / "run", "optim.base_lr=1e30")
