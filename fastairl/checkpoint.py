@@ -65,14 +65,19 @@ def _feed(h, obj: Any) -> None:
         h.update(repr((type(obj).__name__, obj)).encode())
 
 
-def _to_cpu(obj: Any) -> Any:
+def _map_tensors(obj: Any, f: Callable[[torch.Tensor], Any]) -> Any:
+    """`obj` with `f` applied to every tensor inside its dicts, lists and tuples (in insertion order)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        return f(obj)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _map_tensors(v, f) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_map_tensors(v, f) for v in obj)
     return obj
+
+
+def _to_cpu(obj: Any) -> Any:
+    return _map_tensors(obj, lambda t: t.detach().cpu())
 
 
 def snapshot(obj: Any, pinned: Optional[list[torch.Tensor]] = None) -> Any:
@@ -82,31 +87,25 @@ def snapshot(obj: Any, pinned: Optional[list[torch.Tensor]] = None) -> Any:
     wait each and synchronised once at the end: a pageable copy of each tensor in turn took ~0.4 s for
     a BYOL ResNet-50 on an H100 machine. The buffers must not be reused while a write reads them."""
     pinned = [] if pinned is None else pinned
-    gpu = []  # the devices copied from, synchronised once below
-    counter = iter(range(1 << 62))
+    devices = set()  # the GPUs copied from, synchronised once below
+    n = 0  # GPU tensors copied so far: the index of the next one's buffer
 
-    def copy(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            x = x.detach()
-            if x.device.type != "cuda":
-                return x.to("cpu", copy=True)
-            i = next(counter)
-            if i == len(pinned):
-                pinned.append(None)
-            buf = pinned[i]
-            if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-                buf = pinned[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            if x.device not in gpu:
-                gpu.append(x.device)
-            return buf.copy_(x, non_blocking=True)
-        if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(copy(v) for v in x)
-        return x
+    def copy(x: torch.Tensor) -> torch.Tensor:
+        nonlocal n
+        x = x.detach()
+        if x.device.type != "cuda":
+            return x.to("cpu", copy=True)
+        if n == len(pinned):
+            pinned.append(None)
+        buf = pinned[n]
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = pinned[n] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        n += 1
+        devices.add(x.device)
+        return buf.copy_(x, non_blocking=True)
 
-    out = copy(obj)
-    for device in gpu:
+    out = _map_tensors(obj, copy)
+    for device in devices:
         torch.cuda.current_stream(device).synchronize()
     return out
 

@@ -580,7 +580,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> dict:
     def save(epoch_file: bool = False, collective: bool = True) -> None:
         """Checkpoint the state after `step` steps (main process), never one after a non-finite step.
         The main process copies the state to host memory; `writer` writes it while training goes on."""
-        nonlocal last_good, saved_step
+        nonlocal saved_step
         check_finite(collective)  # every process, first: a NaN is the error even when a write failed too
         writer.wait()  # the previous write (main process): if it failed, the run stops here
         if main:
