@@ -107,9 +107,9 @@ def _blend(base, x, factor):
     return dmath.floor(dmath.clamp(base + factor * (x - base), 0.0, 255.0))
 
 
-def _mean_grey(x):
-    """PIL ImageEnhance.Contrast's pivot: the mean "L" value, rounded (a per-sample scalar)."""
-    return dmath.floor(fn.reductions.mean(_grey(x)) + 0.5)
+def _mean_grey(grey):
+    """PIL ImageEnhance.Contrast's pivot from the "L" image `grey`: its mean, rounded (per sample)."""
+    return dmath.floor(fn.reductions.mean(grey) + 0.5)
 
 
 def brightness(x, factor):
@@ -119,7 +119,7 @@ def brightness(x, factor):
 
 def contrast(x, factor):
     """PIL ImageEnhance.Contrast: blend with the image's mean grey level."""
-    return _blend(_mean_grey(x), x, factor)
+    return _blend(_mean_grey(_grey(x)), x, factor)
 
 
 def saturation(x, factor):
@@ -127,18 +127,19 @@ def saturation(x, factor):
     return _blend(_grey(x), x, factor)
 
 
-def _trunc(v):
-    """Round towards zero (C's float -> int cast)."""
-    return dmath.floor(dmath.abs(v)) * ((v > 0) * 1.0 - (v < 0) * 1.0)
-
-
 def _mod(v, m: float):
     return v - m * dmath.floor(v / m)
 
 
-def hue(x, shift):
-    """torchvision's adjust_hue on a PIL image, bit for bit: RGB -> 8-bit HSV, H += int(shift·255)
-    (mod 256), HSV -> RGB.
+def hue_byte(shift) -> np.ndarray:
+    """torchvision's hue step for factors `shift` (float32): int(shift·255) (towards zero) as the
+    uint8 it adds to PIL's hue byte, mod 256; float64, for hue()."""
+    return np.mod(np.trunc(np.asarray(shift, np.float32).astype(np.float64) * 255.0), 256.0)
+
+
+def hue(x, byte):
+    """torchvision's adjust_hue on a PIL image, bit for bit: RGB -> 8-bit HSV, H += byte (mod 256,
+    byte = hue_byte(factor), per sample), HSV -> RGB.
 
     The hue byte follows PIL's float steps (float32 rc/gc/bc, the sector sum in double rounded to
     float32, h/6 + 1 mod 1 in double rounded to float32, truncation of h·255): checked against PIL on
@@ -158,7 +159,7 @@ def hue(x, shift):
     h = fn.cast(h - (h >= 1.0), dtype=types.FLOAT)  # HxWx1: fmod(h, 1), stored in a float as PIL does
     h = dmath.floor(fn.cast(h, dtype=types.FLOAT64) * 255.0)  # HxWx1, the hue byte
     s = dmath.floor(255.0 * c / (v + (v == 0)))  # HxWx1, the saturation byte
-    h = _mod(h + _trunc(fn.cast(shift, dtype=types.FLOAT64) * 255.0), 256.0)  # torchvision's uint8 wrap
+    h = _mod(h + byte, 256.0)  # torchvision's uint8 wrap
     k = _mod(types.Constant(np.array([5 * 255, 3 * 255, 255], np.float32)) + 6.0 * fn.cast(h, dtype=types.FLOAT),
              1530.0)  # HxWx3
     w = dmath.clamp(dmath.min(k, 1020.0 - k), 0.0, 255.0)
@@ -166,19 +167,21 @@ def hue(x, shift):
     return fn.cast((2 * num + 65025) // 130050, dtype=types.FLOAT)  # HxWx3, rounded half up
 
 
-def _affine_slot(y, kind, factors: dict):
-    """Brightness, contrast or saturation (or nothing), chosen per sample by `kind` (B, C, S or
-    _IDENTITY_SLOT): the three are blends with base 0, the mean grey, the pixel grey."""
-    f = (kind == _IDENTITY_SLOT) * 1.0
-    base = 0.0
-    for op in (B, C, S):
-        if op in factors:
-            f = f + (kind == op) * factors[op]
-    if C in factors:
-        base = base + (kind == C) * _mean_grey(y)
-    if S in factors:
-        base = base + (kind == S) * _grey(y)
-    return _blend(base, y, f)
+def _affine_slot(y, slot, ops):
+    """Brightness, contrast or saturation, or nothing, per sample: a blend base + f·(y - base) with
+    base = wc·(mean grey) + ws·(pixel grey), `slot` = (f, wc, ws) per-sample scalars (jitter_slots:
+    brightness f, 0, 0; contrast f, 1, 0; saturation f, 0, 1; nothing 1, 0, 0). Adding the zero terms
+    and multiplying by 0 or 1 is exact, so each kind is its op's value bit for bit. `ops`: the view's
+    enabled jitter ops (no grey is computed when neither contrast nor saturation can run)."""
+    f, wc, ws = slot
+    terms = []
+    if C in ops or S in ops:
+        g = _grey(y)  # HxWx1
+        if C in ops:
+            terms.append(wc * _mean_grey(g))  # per sample
+        if S in ops:
+            terms.append(ws * g)  # HxWx1
+    return _blend(sum(terms[1:], terms[0]) if terms else 0.0, y, f)
 
 
 def jitter_orders(v: ViewSpec) -> list[tuple[int, ...]]:
@@ -187,16 +190,6 @@ def jitter_orders(v: ViewSpec) -> list[tuple[int, ...]]:
     enabled = [op for op, amount in zip((B, C, S, H), (v.brightness, v.contrast, v.saturation, v.hue))
                if amount > 0]
     return list(itertools.permutations(enabled))
-
-
-def jitter_draws(v: ViewSpec, p):
-    """Per-sample factors {op: factor} with sample_color's ranges, and the index of the order, from the
-    view's photometric uniforms `p` (one U[0, 1) per slot, see draws())."""
-    ranges = dict(zip((B, C, S, H), jitter_ranges(v)))
-    orders = jitter_orders(v)
-    factors = {op: _between(p[_FACTOR[op]], *ranges[op]) for op in (orders[0] if orders else ())}
-    which = fn.cast(dmath.floor(p[_ORDER] * len(orders)), dtype=types.INT32) if len(orders) > 1 else 0
-    return factors, which
 
 
 def _slot_plan(orders: list[tuple[int, ...]]) -> tuple[list[list[int]], list[list[int]]]:
@@ -216,24 +209,20 @@ def _slot_plan(orders: list[tuple[int, ...]]) -> tuple[list[list[int]], list[lis
     return before, after
 
 
-def jitter(x, v: ViewSpec, factors: dict, which):
-    """Colour jitter in the order jitter_orders(v)[which], per sample. uint8 HxWx3 -> uint8 HxWx3."""
-    orders = jitter_orders(v)
-    if not orders:
+def jitter(x, v: ViewSpec, before, hue_byte=None, after=()):
+    """Colour jitter, per sample in the order its slots spell (jitter_slots): the affine slots
+    `before` (each (f, wc, ws)), hue by `hue_byte` when the view has hue, the slots `after`.
+    uint8 HxWx3 -> uint8 HxWx3."""
+    ops = set(jitter_orders(v)[0]) if jitter_orders(v) else set()
+    if not ops:
         return x
     y = fn.cast(x, dtype=types.FLOAT)
-    before, after = _slot_plan(orders)
-
-    def slots(y, table):
-        for kinds in table:
-            kind = kinds[0] if len(orders) == 1 else fn.lookup_table(
-                which, keys=list(range(len(orders))), values=kinds, dtype=types.INT32)
-            y = _affine_slot(y, kind, factors)
-        return y
-
-    y = slots(y, before)
-    if H in factors:
-        y = slots(hue(y, factors[H]), after)
+    for slot in before:
+        y = _affine_slot(y, slot, ops)
+    if H in ops:
+        y = hue(y, hue_byte)
+        for slot in after:
+            y = _affine_slot(y, slot, ops)
     return fn.cast(y, dtype=types.UINT8)
 
 
@@ -295,65 +284,138 @@ def draws(seed: int, epoch: int, indices: np.ndarray, num_views: int) -> np.ndar
                      for v in range(num_views)], axis=1)
 
 
-def _between(u, lo: float, hi: float):
+def _between(u, lo: float, hi: float) -> np.ndarray:
     """U[0, 1) -> U[lo, hi) as float32 (a factor or a sigma)."""
-    return fn.cast(lo + (hi - lo) * u, dtype=types.FLOAT)
+    return (lo + (hi - lo) * u).astype(np.float32)
 
 
-def crop_window(shape, u, v: ViewSpec):
-    """sample_crop's rule (torchvision's RandomResizedCrop) for HxW images (`shape`, per sample) from
-    the view's crop uniforms `u` (CROP_DRAWS, consumed as FFCV's draw_crops does): area ~ U(scale)·HW,
+def _exp(x: np.ndarray) -> np.ndarray:
+    """math.exp element by element (the C library's exp, as the reference and FFCV's numba use;
+    numpy's vectorised exp may differ in the last bit, which can move a rounded box side)."""
+    return np.array([math.exp(a) for a in x.ravel().tolist()], np.float64).reshape(x.shape)
+
+
+def crop_boxes(heights, widths, u: np.ndarray, v: ViewSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sample_crop's rule (torchvision's RandomResizedCrop) for images of `heights` x `widths` from the
+    view's crop uniforms `u` (N x CROP_DRAWS, consumed as FFCV's draw_crops does): area ~ U(scale)·HW,
     log-aspect ~ U(log ratio), ten tries, else the whole image narrowed to the ratio range, centred.
-    -> (roi_start [top, left], roi_end [bottom, right], flip), float32, float32, int32.
+    -> (start [top, left] N x 2 float32, end [bottom, right] N x 2 float32, flip N int32).
 
-    All ten tries are computed at once and the first that fits is picked (float64; the box values are
-    integers, exact in float32 for the pick)."""
-    hgt, wid = fn.cast(shape[0], dtype=types.FLOAT64), fn.cast(shape[1], dtype=types.FLOAT64)
+    The ten tries are computed at once (float64) and the first that fits is picked."""
+    hgt = np.asarray(heights, np.float64)[:, None]  # N x 1
+    wid = np.asarray(widths, np.float64)[:, None]
     (lo, hi), (r_lo, r_hi) = v.crop_scale, v.crop_ratio
-    target = hgt * wid * (lo + (hi - lo) * u[0:2 * _TRIES:2])  # 10
-    aspect = dmath.exp(math.log(r_lo) + (math.log(r_hi) - math.log(r_lo)) * u[1:2 * _TRIES:2])  # 10
-    w = dmath.floor(dmath.sqrt(target * aspect) + 0.5)  # 10
-    h = dmath.floor(dmath.sqrt(target / aspect) + 0.5)  # 10
-    fits = (w > 0) & (w <= wid) & (h > 0) & (h <= hgt)  # 10 bool
-    top = dmath.floor(u[2:2 * _TRIES + 2:2] * (hgt - h + 1))  # 10
-    left = dmath.floor(u[3:2 * _TRIES + 3:2] * (wid - w + 1))  # 10
-    flip = fn.cast(u[4:2 * _TRIES + 4:2] < v.flip_p, dtype=types.FLOAT64)  # 10
-    tries = fn.stack(top, left, h, w, flip, axis=0)  # 5x10
-    score = fits * types.Constant(np.arange(_TRIES, 0, -1, dtype=np.int32))  # 10: the first fit scores highest
-    best = fn.reductions.max(score)
-    first = (score == best) & fits  # 10: one-hot, or all False
-    picked = fn.reductions.sum(fn.cast(first * tries, dtype=types.FLOAT), axes=1)  # 5
+    target = hgt * wid * (lo + (hi - lo) * u[:, 0:2 * _TRIES:2])  # N x 10
+    aspect = _exp(math.log(r_lo) + (math.log(r_hi) - math.log(r_lo)) * u[:, 1:2 * _TRIES:2])  # N x 10
+    w = np.floor(np.sqrt(target * aspect) + 0.5)  # N x 10
+    h = np.floor(np.sqrt(target / aspect) + 0.5)
+    fits = (w > 0) & (w <= wid) & (h > 0) & (h <= hgt)  # N x 10
+    rows, k = np.arange(len(u)), fits.argmax(axis=1)  # k: the first try that fits (0 when none does)
+    h, w = h[rows, k], w[rows, k]  # N
+    hgt, wid = hgt[:, 0], wid[:, 0]
+    box = np.stack([np.floor(u[rows, 2 + 2 * k] * (hgt - h + 1)), np.floor(u[rows, 3 + 2 * k] * (wid - w + 1)),
+                    h, w, u[rows, 4 + 2 * k] < v.flip_p], axis=1)  # N x 5: top, left, h, w, flip
     # no try fits: the whole image narrowed to the nearest allowed aspect, centred
-    narrow, wide = fn.cast(wid < hgt * r_lo, dtype=types.FLOAT64), fn.cast(wid > hgt * r_hi, dtype=types.FLOAT64)
-    fb_w = wide * dmath.floor(hgt * r_hi + 0.5) + (1 - wide) * wid
-    fb_h = narrow * dmath.floor(wid / r_lo + 0.5) + (1 - narrow) * hgt
-    fallback = fn.stack(dmath.floor((hgt - fb_h) / 2), dmath.floor((wid - fb_w) / 2), fb_h, fb_w,
-                        fn.cast(u[2 * _TRIES] < v.flip_p, dtype=types.FLOAT64))  # 5
-    found = fn.cast(best > 0, dtype=types.FLOAT)
-    box = found * picked + (1 - found) * fn.cast(fallback, dtype=types.FLOAT)  # 5: top, left, h, w, flip
-    return box[0:2], box[0:2] + box[2:4], fn.cast(box[4], dtype=types.INT32)
+    fb_w = np.where(wid > hgt * r_hi, np.floor(hgt * r_hi + 0.5), wid)
+    fb_h = np.where(wid < hgt * r_lo, np.floor(wid / r_lo + 0.5), hgt)
+    fallback = np.stack([np.floor((hgt - fb_h) / 2), np.floor((wid - fb_w) / 2), fb_h, fb_w,
+                         u[:, 2 * _TRIES] < v.flip_p], axis=1)  # N x 5
+    box = np.where(fits.any(axis=1)[:, None], box, fallback).astype(np.float32)
+    return np.ascontiguousarray(box[:, 0:2]), box[:, 0:2] + box[:, 2:4], box[:, 4].astype(np.int32)
 
 
-def _view(crop, mirror, p, v: ViewSpec, finish: bool = True):
-    """One view from its SxSx3 uint8 crop, flip and photometric uniforms `p` -> 3xSxS float32
+def jitter_factors(v: ViewSpec, p: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Per-sample factors {op: N float32} with sample_color's ranges and the index of each sample's
+    order in jitter_orders(v) (N int), from the view's photometric uniforms `p` (N x PHOTO_DRAWS)."""
+    ranges = dict(zip((B, C, S, H), jitter_ranges(v)))
+    orders = jitter_orders(v)
+    factors = {op: _between(p[:, _FACTOR[op]], *ranges[op]) for op in (orders[0] if orders else ())}
+    return factors, np.floor(p[:, _ORDER] * max(1, len(orders))).astype(np.int64)
+
+
+def jitter_slots(v: ViewSpec, factors: dict[int, np.ndarray], which: np.ndarray) -> dict[str, np.ndarray]:
+    """What jitter() reads for the orders `which` and `factors`: per affine slot (_slot_plan),
+    `{slot}_f` (the factor, 1 for nothing), `{slot}_wc` (1 for contrast) and `{slot}_ws` (1 for
+    saturation), float32, the weights only when the op is enabled; `hue`, the hue byte."""
+    orders = jitter_orders(v)
+    ops = set(orders[0])
+    before, after = _slot_plan(orders)
+    out = {}
+    for name, kinds in [(f"before{j}", t) for j, t in enumerate(before)] + [(f"after{j}", t) for j, t in enumerate(after)]:
+        kind = np.asarray(kinds)[which]  # N: the op this slot applies to each sample
+        f = np.ones(len(which), np.float32)
+        for op in ops - {H}:
+            f = np.where(kind == op, factors[op], f)
+        out[f"{name}_f"] = f.astype(np.float32)
+        for op, key in ((C, "wc"), (S, "ws")):
+            if op in ops:
+                out[f"{name}_{key}"] = (kind == op).astype(np.float32)
+    if H in ops:
+        out["hue"] = hue_byte(factors[H])
+    return out
+
+
+def view_plan(u: np.ndarray, heights, widths, v: ViewSpec, finish: bool = True) -> dict[str, np.ndarray]:
+    """Everything view `v` does to each sample, from its uniforms `u` (N x DRAWS, see draws()) and the
+    image sizes: the crop box and flip, and when the view is finished in DALI the coins of the ops
+    (bool), the jitter slots and hue byte (jitter_slots) and the blur sigma. A field is present only
+    when its op can run: an op of probability 0 is not in the graph. The pipeline reads the fields
+    by name (`_view`); computing them here rather than in the graph keeps some 450 small operators
+    per batch out of the graph (bit for bit the same values as the graph computed)."""
+    start, end, flip = crop_boxes(heights, widths, u[:, :CROP_DRAWS], v)
+    plan = {"start": start, "end": end, "mirror": flip}
+    if not finish:
+        return plan
+    p = u[:, CROP_DRAWS:]
+    if v.jitter_p > 0 and jitter_orders(v):
+        plan["jitter"] = p[:, _JITTER] < v.jitter_p
+        plan.update(jitter_slots(v, *jitter_factors(v, p)))
+    if v.gray_p > 0:
+        plan["gray"] = p[:, _GRAY] < v.gray_p
+    if v.blur_p > 0:
+        plan["blur"] = p[:, _BLUR] < v.blur_p
+        plan["sigma"] = _between(p[:, _SIGMA], *v.blur_sigma)
+    if v.solarize_p > 0:
+        plan["solarize"] = p[:, _SOLARIZE] < v.solarize_p
+    return plan
+
+
+_DALI_TYPE = {np.dtype(np.float32): types.FLOAT, np.dtype(np.float64): types.FLOAT64,
+              np.dtype(np.int32): types.INT32, np.dtype(np.bool_): types.BOOL}
+
+
+def plan_layout(views: Sequence[ViewSpec], finish: bool) -> list[list[tuple[str, np.dtype, int]]]:
+    """Per view, the (name, dtype, ndim) of its view_plan fields, in the order the stream feeds them."""
+    one = np.zeros((1, DRAWS))
+    return [[(k, a.dtype, a.ndim - 1) for k, a in view_plan(one, [1], [1], v, finish).items()] for v in views]
+
+
+def _slots(plan: dict, prefix: str) -> list[tuple]:
+    """The (f, wc, ws) nodes of the slots `prefix`0, 1, ... (None for a weight the view leaves out)."""
+    return [(plan[f"{prefix}{j}_f"], plan.get(f"{prefix}{j}_wc"), plan.get(f"{prefix}{j}_ws"))
+            for j in itertools.takewhile(lambda j: f"{prefix}{j}_f" in plan, itertools.count())]
+
+
+def _view(crop, plan: dict, v: ViewSpec, finish: bool = True):
+    """One view from its SxSx3 uint8 crop and its view_plan fields (nodes, by name) -> 3xSxS float32
     normalised (uint8 when not `finish`)."""
     x = crop
     if finish:
-        if v.jitter_p > 0:
-            if p[_JITTER] < v.jitter_p:
-                x = jitter(x, v, *jitter_draws(v, p))
-        if v.gray_p > 0:
-            if p[_GRAY] < v.gray_p:
+        if "jitter" in plan:
+            if plan["jitter"]:
+                x = jitter(x, v, _slots(plan, "before"), plan.get("hue"), _slots(plan, "after"))
+        if "gray" in plan:
+            if plan["gray"]:
                 x = grayscale(x)
-        if v.blur_p > 0:
-            if p[_BLUR] < v.blur_p:
-                x = gaussian_blur(x, v, _between(p[_SIGMA], *v.blur_sigma))
-        if v.solarize_p > 0:
-            if p[_SOLARIZE] < v.solarize_p:
+        if "blur" in plan:
+            if plan["blur"]:
+                x = gaussian_blur(x, v, plan["sigma"])
+        if "solarize" in plan:
+            if plan["solarize"]:
                 x = solarize(x, v.solarize_threshold)
     if not finish:
-        return fn.crop_mirror_normalize(x, mirror=mirror, dtype=types.UINT8, output_layout="CHW")
-    return fn.crop_mirror_normalize(x, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+        return fn.crop_mirror_normalize(x, mirror=plan["mirror"], dtype=types.UINT8, output_layout="CHW")
+    return fn.crop_mirror_normalize(x, mirror=plan["mirror"], dtype=types.FLOAT, output_layout="CHW",
                                     mean=[255 * m for m in v.mean], std=[255 * s for s in v.std])
 
 
@@ -375,33 +437,36 @@ def train_pipeline(batches, views: tuple[ViewSpec, ...], gpu: bool = False, deco
                    finish: bool = True, hw_decoder_load: float = HW_DECODER_LOAD):
     """Decode once, one augmentation chain per ViewSpec; outputs (view_0, ..., view_k, label).
 
-    `batches(info)` -> the batch of iteration `info.iteration`: (file paths as byte arrays, labels N x 1
-    int32, draws N x V x DRAWS uniforms: see draws()); `_Stream` is the loader's.
+    `batches(info)` -> the batch of iteration `info.iteration`: file paths as byte arrays, labels N x 1
+    int32, then each view's view_plan fields in plan_layout's order; `_Stream` is the loader's.
     decode="roi" instead decodes only each view's crop (`decoders.image_slice`): one partial decode
     PER VIEW. Kept for the benchmark that compares the two (benchmarks/dali_throughput.py).
     """
-    paths, label, u = fn.external_source(source=batches, num_outputs=3, batch=True, batch_info=True,
-                                         dtype=[types.UINT8, types.INT32, types.FLOAT64], ndim=[1, 1, 2])  # per sample
+    layout = plan_layout(views, finish)
+    fields = [f for view in layout for f in view]
+    paths, label, *nodes = fn.external_source(
+        source=batches, num_outputs=2 + len(fields), batch=True, batch_info=True,
+        dtype=[types.UINT8, types.INT32] + [_DALI_TYPE[d] for _, d, _ in fields],
+        ndim=[1, 1] + [n for _, _, n in fields])  # per sample
     jpegs = fn.io.file.read(paths)
-    shape = fn.peek_image_shape(jpegs, dtype=types.INT32, **_AS_STORED)  # HxWx3, as the decoder outputs it
     device = "mixed" if gpu else "cpu"
     images = None
     if decode == "once":
         images = fn.decoders.image(jpegs, device=device, output_type=types.RGB, hw_decoder_load=hw_decoder_load,
                                    **_AS_STORED)
     outs = []
-    for k, v in enumerate(views):
-        start, end, mirror = crop_window(shape, u[k, :CROP_DRAWS], v)
+    for v, view in zip(views, layout):
+        plan = {name: nodes.pop(0) for name, _, _ in view}
         size = [v.crop_size, v.crop_size]
         if decode == "roi":
-            roi = fn.decoders.image_slice(jpegs, start, end - start, device=device, output_type=types.RGB,
-                                          axis_names="HW", normalized_anchor=False, normalized_shape=False,
-                                          hw_decoder_load=hw_decoder_load, **_AS_STORED)
+            roi = fn.decoders.image_slice(jpegs, plan["start"], plan["end"] - plan["start"], device=device,
+                                          output_type=types.RGB, axis_names="HW", normalized_anchor=False,
+                                          normalized_shape=False, hw_decoder_load=hw_decoder_load, **_AS_STORED)
             crop = fn.resize(roi, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
         else:
-            crop = fn.resize(images, size=size, roi_start=start, roi_end=end, interp_type=types.INTERP_LINEAR,
-                             antialias=True)  # SxSx3 uint8
-        outs.append(_view(crop, mirror, u[k, CROP_DRAWS:], v, finish=finish))
+            crop = fn.resize(images, size=size, roi_start=plan["start"], roi_end=plan["end"],
+                             interp_type=types.INTERP_LINEAR, antialias=True)  # SxSx3 uint8
+        outs.append(_view(crop, plan, v, finish=finish))
     return (*outs, label)
 
 
@@ -524,6 +589,67 @@ def _source(files: Sequence[str], bad: set, seed: int, epoch: int, index: int) -
                     f"samples drawn to replace it: check the training folder")
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers
+
+
+def _jpeg_size(fh) -> Optional[tuple[int, int]]:
+    """(height, width) from a JPEG's frame header, skipping the segments before it; None if the file
+    is not a JPEG or the header is not where it should be."""
+    if fh.read(2) != b"\xff\xd8":
+        return None
+    while True:
+        head = fh.read(2)
+        if len(head) < 2 or head[0] != 0xFF:
+            return None
+        marker = head[1]
+        while marker == 0xFF:  # fill bytes
+            nxt = fh.read(1)
+            if not nxt:
+                return None
+            marker = nxt[0]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or the scan, before any frame header
+            return None
+        length = int.from_bytes(fh.read(2), "big")
+        if marker in _SOF:
+            frame = fh.read(5)  # precision, height, width
+            return (int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big")) if len(frame) == 5 else None
+        fh.seek(length - 2, os.SEEK_CUR)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image as stored (no EXIF rotation, as the decoder is told), read from its
+    header: a JPEG's frame header, else PIL's. A header neither can read gives (1, 1): the decoder
+    then fails on the file and the loader replaces it as it replaces any unreadable image."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            hw = _jpeg_size(fh)
+        if hw is None or 0 in hw:
+            with Image.open(path) as img:
+                hw = (img.height, img.width)
+        return hw
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return (1, 1)
+
+
+class _Sizes:
+    """(height, width) of each file, read from its header the first time a batch holds it (image_size:
+    about 10-90 us a file on one core, so only the first epoch pays), then kept for the loader's life."""
+
+    def __init__(self, files: Sequence[str]):
+        self.files = files
+        self.hw = np.full((len(files), 2), -1, np.int64)
+
+    def __call__(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, np.int64)
+        for i in idx[self.hw[idx, 0] < 0].tolist():
+            self.hw[i] = image_size(self.files[i])
+        return self.hw[idx, 0], self.hw[idx, 1]
+
+
 class _Stream:
     """What a train pipeline reads: batch j is the j-th of this process's batches from (epoch, step)
     on, running on into the following epochs; a pure function of j, since DALI prefetches ahead.
@@ -531,7 +657,8 @@ class _Stream:
 
     def __init__(self, loader: "DaliTrainLoader", epoch: int, step: int):
         self.files, self.labels, self.bad, self.seed = loader.files, loader.labels, loader._bad, loader.seed
-        self.sampler, self.per_batch, self.num_views = loader.sampler, loader.per_batch, loader.spec.num_views
+        self.sampler, self.per_batch, self.views = loader.sampler, loader.per_batch, loader.spec.views
+        self.sizes, self.finish = loader._sizes, not loader.uint8_views
         self.epoch, self.step = epoch, step
         self._orders: dict[int, np.ndarray] = {}
 
@@ -554,7 +681,10 @@ class _Stream:
         epoch, mine, read = self.samples(info.iteration)
         paths = [np.frombuffer(os.fsencode(self.files[r]), dtype=np.uint8) for r in read]
         labels = np.array([[self.labels[r]] for r in read], dtype=np.int32)
-        return paths, labels, draws(self.seed, epoch, mine, self.num_views)  # N x V x DRAWS
+        u = draws(self.seed, epoch, mine, len(self.views))  # N x V x DRAWS: the drawn sample's
+        heights, widths = self.sizes(read)  # the file read's (a replacement's, for a bad file)
+        plans = [view_plan(u[:, k], heights, widths, v, self.finish) for k, v in enumerate(self.views)]
+        return [paths, labels] + [a for plan in plans for a in plan.values()]
 
 
 @dataclass
@@ -594,6 +724,7 @@ class DaliTrainLoader:
         self.hw_decoder_load = hw_decoder_load
         self.uint8_views = not finish  # the seam then finishes the views on the device (aug.on_device)
         self._bad: set[str] = set()  # files DALI could not read: their samples are replaced
+        self._sizes = _Sizes(self.files)  # image sizes, from the headers: the crop boxes are drawn on the host
         self._names = [f"view{k}" for k in range(spec.num_views)]
         self._live: Optional[_Live] = None
         self.builds = 0

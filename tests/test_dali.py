@@ -147,6 +147,11 @@ TV_OPS = {D.B: TF.adjust_brightness, D.C: TF.adjust_contrast, D.S: TF.adjust_sat
 DALI_OPS = {D.B: D.brightness, D.C: D.contrast, D.S: D.saturation, D.H: D.hue}
 
 
+def _host_arg(op, factors: np.ndarray) -> np.ndarray:
+    """What DALI_OPS[op] takes for these factors: hue takes the hue byte, computed on the host."""
+    return D.hue_byte(factors) if op == D.H else factors
+
+
 @pytest.mark.parametrize("op,lo,hi", [(D.B, 0.0, 2.0), (D.C, 0.0, 2.0), (D.S, 0.0, 2.5), (D.H, -0.5, 0.5)],
                          ids=["brightness", "contrast", "saturation", "hue"])
 def test_jitter_ops_are_bit_exact_with_torchvision(tiles, op, lo, hi):
@@ -154,7 +159,7 @@ def test_jitter_ops_are_bit_exact_with_torchvision(tiles, op, lo, hi):
     identity = 0.0 if op == D.H else 1.0
     inside = np.random.default_rng(op).uniform(lo, hi, len(tiles) - 3)
     f = np.concatenate([[lo, hi, identity], inside]).astype(np.float32)
-    out = _dali_apply(_float_op(DALI_OPS[op]), tiles, f)
+    out = _dali_apply(_float_op(DALI_OPS[op]), tiles, _host_arg(op, f))
     for tile, factor, o in zip(tiles, f, out):
         assert np.array_equal(o, np.array(TV_OPS[op](Image.fromarray(tile), float(factor)))), (op, factor)
 
@@ -168,8 +173,14 @@ def test_jitter_random_order_is_bit_exact_with_torchvision(tiles):
     factors = {D.B: rng.uniform(0.6, 1.4, 24), D.C: rng.uniform(0.6, 1.4, 24), D.S: rng.uniform(0.8, 1.2, 24),
                D.H: rng.uniform(-0.1, 0.1, 24)}
     f32 = [factors[op].astype(np.float32) for op in (D.B, D.C, D.S, D.H)]
-    out = _dali_apply(lambda x, b, c, s, h, w: D.jitter(x, v, {D.B: b, D.C: c, D.S: s, D.H: h}, w),
-                      images, *f32, np.arange(24, dtype=np.int32))
+    plan = D.jitter_slots(v, dict(zip((D.B, D.C, D.S, D.H), f32)), np.arange(24))
+    assert set(plan) == {"hue"} | {f"{s}{j}_{k}" for s in ("before", "after") for j in range(3) for k in "f wc ws".split()}
+
+    def graph(x, *nodes):
+        p = dict(zip(plan, nodes))
+        return D.jitter(x, v, D._slots(p, "before"), p["hue"], D._slots(p, "after"))
+
+    out = _dali_apply(graph, images, *plan.values())
     for i, (img, o) in enumerate(zip(images, out)):  # sample i uses order i
         ref = Image.fromarray(img)
         for op in orders[i]:
@@ -196,32 +207,29 @@ def test_grayscale_solarize_blur_match_torchvision(tiles):
     assert diffs.max() <= 1 and (diffs == 0).mean() > 0.99  # float rounding of the same kernel
 
 
-def _graph(fn_of_inputs, *inputs, batch: int):
-    """Outputs (numpy, per sample stacked) of fn_of_inputs(*nodes) over host arrays (batch x ...)."""
-    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
-    def pipe():
-        return fn_of_inputs(*[fn.external_source(source=_const(np.ascontiguousarray(a)), batch=True) for a in inputs])
-
-    p = pipe()
-    p.build()
-    return [np.array(t.as_tensor()) for t in p.run()]
-
-
-def test_jitter_draws_follow_sample_color():
+def test_jitter_factors_follow_sample_color():
     v = ViewSpec(brightness=0.4, contrast=0.3, saturation=0.9, hue=0.1)  # saturation range is clipped at 0
     orders = D.jitter_orders(v)
     u = D.draws(0, 0, np.arange(4000), 1)[:, 0, D.CROP_DRAWS:]  # 4000 x PHOTO_DRAWS
-
-    def graph(p):
-        factors, which = D.jitter_draws(v, p)
-        return (*[factors[op] for op in (D.B, D.C, D.S, D.H)], which)
-
-    b, c, s, h, which = _graph(graph, u, batch=len(u))
-    for x, lo, hi in ((b, 0.6, 1.4), (c, 0.7, 1.3), (s, 0.1, 1.9), (h, -0.1, 0.1)):
+    factors, which = D.jitter_factors(v, u)
+    for op, lo, hi in ((D.B, 0.6, 1.4), (D.C, 0.7, 1.3), (D.S, 0.1, 1.9), (D.H, -0.1, 0.1)):
+        x = factors[op]
         assert x.dtype == np.float32 and lo <= x.min() and x.max() <= hi
         assert stats.kstest(x, stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
     counts = np.bincount(which, minlength=len(orders))
     assert len(counts) == 24 and stats.chisquare(counts).pvalue > 1e-3
+    # a slot applies its order's op with that op's factor, or nothing (factor 1, no weights)
+    plan = D.jitter_slots(v, factors, which)
+    before, after = D._slot_plan(orders)
+    for name, table in [(f"before{j}", t) for j, t in enumerate(before)] + [(f"after{j}", t) for j, t in enumerate(after)]:
+        kind = np.asarray(table)[which]
+        want = np.select([kind == D.B, kind == D.C, kind == D.S], [factors[D.B], factors[D.C], factors[D.S]], 1.0)
+        assert np.array_equal(plan[f"{name}_f"], want.astype(np.float32))
+        assert np.array_equal(plan[f"{name}_wc"], kind == D.C) and np.array_equal(plan[f"{name}_ws"], kind == D.S)
+    assert np.array_equal(plan["hue"], np.mod(np.trunc(factors[D.H].astype(np.float64) * 255), 256))
+    # an op switched off is no field: no slot weight is fed for it, and no hue byte
+    only_b = D.jitter_slots(replace(v, contrast=0.0, saturation=0.0, hue=0.0), {D.B: factors[D.B]}, which * 0)
+    assert set(only_b) == {"before0_f"}
 
 
 def test_draws_are_uniform_and_keyed_by_seed_epoch_sample_and_view():
@@ -235,7 +243,7 @@ def test_draws_are_uniform_and_keyed_by_seed_epoch_sample_and_view():
 
 def _crop_rule(u, height: int, width: int, v: ViewSpec) -> tuple[tuple[int, int, int, int, bool], bool]:
     """fastairl.data.augment.sample_crop's rule, line by line, reading its uniforms in order from `u`
-    (then the flip): what crop_window must compute. -> ((top, left, h, w, flip), whether no try fit)"""
+    (then the flip): what crop_boxes must compute. -> ((top, left, h, w, flip), whether no try fit)"""
     u = iter(u)
     area = height * width
     log_r = (math.log(v.crop_ratio[0]), math.log(v.crop_ratio[1]))
@@ -261,15 +269,13 @@ CROP_VIEWS = (ViewSpec(), ViewSpec(crop_scale=(0.9, 1.0), crop_ratio=(0.5, 0.6),
 
 
 def _crop_windows(heights, widths, u) -> np.ndarray:
-    """crop_window of every CROP_VIEWS view: n x V x (top, left, h, w, flip)."""
-    shapes = np.stack([heights, widths, np.full(len(heights), 3)], axis=1).astype(np.int32)
-
-    def graph(shape, u):
-        return tuple(out for k, v in enumerate(CROP_VIEWS) for out in D.crop_window(shape, u[k, :D.CROP_DRAWS], v))
-
-    outs = _graph(graph, shapes, u, batch=len(shapes))
-    return np.stack([np.concatenate([start, end - start, flip[:, None]], axis=1)
-                     for start, end, flip in zip(outs[0::3], outs[1::3], outs[2::3])], axis=1).astype(np.int64)
+    """crop_boxes of every CROP_VIEWS view: n x V x (top, left, h, w, flip)."""
+    out = []
+    for k, v in enumerate(CROP_VIEWS):
+        start, end, flip = D.crop_boxes(heights, widths, u[:, k, :D.CROP_DRAWS], v)
+        assert start.dtype == end.dtype == np.float32 and flip.dtype == np.int32
+        out.append(np.concatenate([start, end - start, flip[:, None]], axis=1))
+    return np.stack(out, axis=1).astype(np.int64)
 
 
 def _shapes(n: int):
@@ -280,7 +286,7 @@ def _shapes(n: int):
     return h, w
 
 
-def test_crop_window_is_sample_crops_rule():
+def test_crop_boxes_are_sample_crops_rule():
     h, w = _shapes(3000)
     u = D.draws(5, 3, np.arange(len(h)), len(CROP_VIEWS))
     got = _crop_windows(h, w, u)
@@ -302,6 +308,29 @@ def test_crop_boxes_and_flips_are_the_ffcv_backends():
     want = F.draw_crops(5, 3, idx.astype(np.int64), h.astype(np.int64), w.astype(np.int64),
                         F.view_geometry(AugmentSpec(CROP_VIEWS)), S)[..., [F.TOP, F.LEFT, F.HEIGHT, F.WIDTH, F.FLIP]]
     assert np.array_equal(_crop_windows(h, w, D.draws(5, 3, idx, len(CROP_VIEWS))), want)
+
+
+def test_image_size_reads_the_stored_size_from_the_header(photo_root, tmp_path):
+    # the crop boxes are drawn on the host from these sizes: they must be the decoder's
+    for path, _ in scan_folder(photo_root / "train")[0][:12]:
+        with open(path, "rb") as fh:
+            fast = D._jpeg_size(fh)  # the JPEG frame header, not PIL
+        assert fast == D.image_size(path) == _rgb(path).size[::-1]
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation "rotate 90": the decoder keeps the stored pixels, so must the size
+    img.save(tmp_path / "exif.jpg", exif=exif.tobytes())
+    img.save(tmp_path / "progressive.jpg", progressive=True)
+    img.save(tmp_path / "lossless.png")
+    (tmp_path / "noise.jpg").write_bytes(b"\xff\xd8" + bytes(range(256)) * 4)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for name, want in (("exif.jpg", (30, 50)), ("progressive.jpg", (30, 50)), ("lossless.png", (30, 50)),
+                       ("noise.jpg", (1, 1)), ("empty.jpg", (1, 1)), ("missing.jpg", (1, 1))):
+        assert D.image_size(str(tmp_path / name)) == want, name
+    sizes = D._Sizes([str(tmp_path / "exif.jpg"), str(tmp_path / "lossless.png")])
+    assert [h.tolist() for h in sizes([1, 0, 1])] == [[30, 30, 30], [50, 50, 50]]
+    (tmp_path / "exif.jpg").unlink()  # read once, then kept
+    assert [h.tolist() for h in sizes([0])] == [[30], [50]]
 
 
 # ------------------------------------------------------------------- the pipeline, one op at a time
@@ -780,8 +809,8 @@ def test_gpu_ops_match_the_cpu_ops(tiles):
     # which can move a truncation by one level on rare pixels
     for op, f in ((D.B, 1.3), (D.C, 0.7), (D.S, 1.2), (D.H, 0.08)):
         factors = np.full(len(tiles), f, np.float32)
-        cpu = np.stack(_dali_apply(_float_op(DALI_OPS[op]), tiles, factors)).astype(int)
-        gpu = np.stack(_dali_apply(_float_op(DALI_OPS[op]), tiles, factors, gpu=True))
+        cpu = np.stack(_dali_apply(_float_op(DALI_OPS[op]), tiles, _host_arg(op, factors))).astype(int)
+        gpu = np.stack(_dali_apply(_float_op(DALI_OPS[op]), tiles, _host_arg(op, factors), gpu=True))
         assert np.abs(cpu - gpu).max() <= 1 and (cpu == gpu).mean() > 0.999, op
     sigma = np.full(len(tiles), 1.5, np.float32)
     v = ViewSpec(crop_size=TILE)
