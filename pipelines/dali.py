@@ -19,21 +19,24 @@ fixed value (half the range) where torchvision uses the image's mean grey level,
 - The horizontal flip is applied last, inside `crop_mirror_normalize`: every op after it is pointwise
   or a symmetric kernel with symmetric borders, so this is the same image as flipping after the crop.
 - The crop box is sample_crop's rule (torchvision's RandomResizedCrop: area ~ U(scale)·HW, log-aspect
-  ~ U(log ratio), 10 tries, then the whole image narrowed to the ratio range, centred), computed in the
-  graph from the image's header shape (`crop_window`), box for box the FFCV backend's for the same
-  draws; the resize of that box is bilinear with antialiasing (PIL's filter: 0.2 level mean difference
-  for the same box).
+  ~ U(log ratio), 10 tries, then the whole image narrowed to the ratio range, centred), computed on
+  the host (`crop_boxes`) from the image's size as stored, read once from its header (`image_size`),
+  box for box the FFCV backend's for the same draws; the resize of that box is bilinear with
+  antialiasing (PIL's filter: 0.2 level mean difference for the same box).
 - JPEG decoding on CPU is libjpeg-turbo, as PIL's (identical pixels); nvJPEG on a GPU differs slightly.
 Per-sample probabilities use DALI conditionals (`enable_conditionals=True`): an op only runs on the
 samples whose coin came up, and an op whose probability is 0 is not in the graph at all.
 
-Random draws: the graph has no random operator. Every draw of a view (crop tries, flip, jitter coin,
-order and factors, grey, blur and its sigma, solarise) is a U[0, 1) number from a counter-based stream
-keyed by (seed, epoch, sample index, view) (`draws`; the FFCV backend draws its crops from the same
-stream), computed on the host per batch and fed with `fn.external_source`. So a sample's views depend
-only on (seed, epoch, index), as with the torch reference: not on the process layout, and a resumed
-epoch sees the same views as the uninterrupted one, bit for bit (the torch reference draws from
-another stream: same distributions, not the same pixels).
+Random draws: the graph has no random operator and no per-sample arithmetic of its own. Every draw of
+a view (crop tries, flip, jitter coin, order and factors, grey, blur and its sigma, solarise) is a
+U[0, 1) number from a counter-based stream keyed by (seed, epoch, sample index, view) (`draws`; the
+FFCV backend draws its crops from the same stream); the host turns them, per batch, into what the
+graph reads (`view_plan`: boxes, flips, coins, the jitter slots' factors, the hue byte, sigma) and
+feeds those with `fn.external_source`. (Computed in the graph, they took some 450 scalar operators
+and ~50 ms of CPU per batch of 128 here, against ~10 ms now.) So a sample's views depend only on
+(seed, epoch, index), as with the torch reference: not on the process layout, and a resumed epoch
+sees the same views as the uninterrupted one, bit for bit (the torch reference draws from another
+stream: same distributions, not the same pixels).
 
 Sample order and sharding: the sample order comes from the host too, fed with the draws: batch j of
 a pipeline is the j-th of a stream that starts at some (epoch, step) and runs on through the epochs
@@ -245,9 +248,9 @@ def solarize(x, threshold: int):
 
 # ------------------------------------------------------------- the random draws, keyed by the sample
 # Every random choice is a function of (seed, epoch, sample index, view), like the reference's
-# `sample_rng`: the host draws U[0, 1) numbers from a counter-based stream (splitmix64) and feeds them
-# with `fn.external_source`; the graph maps them to boxes, coins and factors. The graph has no random
-# op, so a pipeline rebuilt at any step (a resume, a replaced file) gives the same views.
+# `sample_rng`: the host draws U[0, 1) numbers from a counter-based stream (splitmix64), maps them to
+# boxes, coins and factors (`view_plan`) and feeds those with `fn.external_source`. The graph has no
+# random op, so a pipeline rebuilt at any step (a resume, a replaced file) gives the same views.
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _PHOTO_STREAM = 1 << 16  # the photometric stream of view v is keyed by v + _PHOTO_STREAM, its crop stream by v
 _TRIES = 10  # torchvision's RandomResizedCrop tries
