@@ -3,8 +3,8 @@
 `dali_images_per_s(paths, spec, batch, threads)` is the function the side-by-side benchmark calls; run
 as a script it measures, in rounds on a real-photo JPEG corpus (`make_photo_corpus`, ~500x375, JPEG
 quality 75-95): DALI decoding each JPEG once for both views, DALI with ROI decoding (one partial
-decode PER VIEW, `decoders.image_slice` of the drawn box), and the torch reference loader with `threads` worker
-processes. A round measures each path in turn with a fresh loader: `warmup` batches (pipeline build,
+decode PER VIEW, `decoders.image_slice` of the drawn box), DALI's crops alone and those crops finished
+by the on-device module (PATHS), and the torch reference loader with `threads` worker processes. A round measures each path in turn with a fresh loader: `warmup` batches (pipeline build,
 prefetch) are not counted, then `steps` batches are timed; the median, min and max over rounds are
 reported, with the thread count, the device and the environment. `--paths` picks the paths (a GPU
 thread sweep leaves out the torch reference, slow and prefetch-bound there). Nothing here asserts on speed.
@@ -30,9 +30,13 @@ from typing import Optional, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# what main() can measure, in its order; dali_device_aug: DALI decodes, crops and flips (uint8), and
-# fastairl.data.device_aug finishes the views on the same device (the trainer's aug.on_device=true)
-PATHS = ("dali_decode_once", "dali_roi_decode", "dali_device_aug", "torch_ref")
+# what main() can measure, in its order; dali_crops: DALI decodes, crops and flips only (uint8 views, no
+# colour, blur or solarise: its gap to dali_decode_once is what the photometric graph costs);
+# dali_device_aug: the same crops finished by fastairl.data.device_aug on the same device (the
+# trainer's aug.on_device=true)
+PATHS = ("dali_decode_once", "dali_roi_decode", "dali_crops", "dali_device_aug", "torch_ref")
+_DALI_PATHS = {"dali_decode_once": ("once", "dali"), "dali_roi_decode": ("roi", "dali"),
+               "dali_crops": ("once", "crops"), "dali_device_aug": ("once", "device_aug")}  # decode, finish
 
 
 def _summary(values: list[float]) -> dict:
@@ -68,11 +72,14 @@ def _time_batches(loader, warmup: int, steps: int, batch: int, device: Optional[
 
 def dali_images_per_s(paths: Sequence[str], spec, batch: int, threads: int, *, decode: str = "once",
                       device_id: Optional[int] = None, warmup: int = 2, steps: int = 8,
-                      repeats: int = 3, hw_decoder_load: Optional[float] = None, device_aug: bool = False) -> dict:
+                      repeats: int = 3, hw_decoder_load: Optional[float] = None, finish: str = "dali") -> dict:
     """Dual-view images/s of the DALI train pipeline on `paths` (JPEGs): median/min/max over
     `repeats` fresh pipelines, each timing `steps` batches after `warmup`. `hw_decoder_load`: the
-    `mixed` decoder's share for the hardware JPEG decoder (None: the loader's default). `device_aug`:
-    DALI stops at uint8 crops and the on-device module finishes them."""
+    `mixed` decoder's share for the hardware JPEG decoder (None: the loader's default). `finish`:
+    "dali" (every op in DALI), "crops" (DALI stops at uint8 crops, nothing finishes them) or
+    "device_aug" (the on-device module finishes DALI's uint8 crops)."""
+    if finish not in ("dali", "crops", "device_aug"):
+        raise ValueError(f"finish must be 'dali', 'crops' or 'device_aug', got {finish!r}")
     from fastairl.data.device_aug import DeviceAugLoader
     from fastairl.pipelines.dali import HW_DECODER_LOAD, DaliTrainLoader
 
@@ -81,15 +88,15 @@ def dali_images_per_s(paths: Sequence[str], spec, batch: int, threads: int, *, d
     rates = []
     for _ in range(repeats):
         loader = DaliTrainLoader(_repeat(paths, warmup + steps, batch), ["0"], spec, batch, threads=threads,
-                                 device_id=device_id, decode=decode, hw_decoder_load=load, finish=not device_aug)
+                                 device_id=device_id, decode=decode, hw_decoder_load=load, finish=finish == "dali")
         try:
-            timed = DeviceAugLoader(loader, spec, device) if device_aug else loader
+            timed = DeviceAugLoader(loader, spec, device) if finish == "device_aug" else loader
             rates.append(_time_batches(timed, warmup, steps, batch, device))
         finally:
             loader.close()
     return {"images_per_s": _summary(rates), "threads": threads, "decode": decode, "batch": batch,
             "device": str(device), "views": spec.num_views, "crop": spec.views[0].crop_size,
-            "hw_decoder_load": load, "device_aug": device_aug}
+            "hw_decoder_load": load, "finish": finish}
 
 
 def torch_images_per_s(paths: Sequence[str], spec, batch: int, workers: int, *, warmup: int = 2, steps: int = 8,
@@ -165,12 +172,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
     kw = dict(warmup=args.warmup, steps=args.steps, repeats=1)
     measure = {"torch_ref": lambda: torch_images_per_s(paths, spec, args.batch, args.threads, **kw)}
-    for decode, device_aug, path in (("once", False, "dali_decode_once"), ("roi", False, "dali_roi_decode"),
-                                     ("once", True, "dali_device_aug")):
+    for path, (decode, finish) in _DALI_PATHS.items():
         for load in loads:
             measure[path if len(loads) == 1 else f"{path}@hw{load}"] = functools.partial(
                 dali_images_per_s, paths, spec, args.batch, args.threads, decode=decode, device_id=device_id,
-                hw_decoder_load=load, device_aug=device_aug, **kw)
+                hw_decoder_load=load, finish=finish, **kw)
     names = [n for path in PATHS if path in paths_run for n in measure if n.split("@")[0] == path]
     runs = {name: [] for name in names}
     for _ in range(args.rounds):  # each round measures every path once, in turn
