@@ -130,8 +130,15 @@ def saturation(x, factor):
     return _blend(_grey(x), x, factor)
 
 
-def _mod(v, m: float):
-    return v - m * dmath.floor(v / m)
+def _hue_weights() -> list[float]:
+    """w_n(h) = clamp(min(k, 1020 - k), 0, 255), k = (255·n + 6·h) mod 1530 (n = 5, 3, 1 for r, g, b),
+    at key 512·channel + j for the hue byte h = j mod 256, j in [0, 512): a shifted byte before its wrap."""
+    h = np.arange(512) % 256
+    k = (255 * np.array([5, 3, 1])[:, None] + 6 * h[None, :]) % 1530  # 3 x 512
+    return np.clip(np.minimum(k, 1020 - k), 0, 255).astype(float).ravel().tolist()
+
+
+_HUE_WEIGHTS = _hue_weights()
 
 
 def hue_byte(shift) -> np.ndarray:
@@ -149,7 +156,9 @@ def hue(x, byte):
     all 2^24 colours. Saturation is floor(255·c / v). The way back is PIL's p/q/t rounding, written as
     one formula for the three channels in integers below 2^24 (exact in float32), also checked on all
     2^24 HSV triples: channel n gets round(v - v·s·w_n / 255^2), w_n = clamp(min(k, 1020 - k), 0, 255),
-    k = (255·n + 6·h) mod 1530, n = 5, 3, 1 for r, g, b.
+    k = (255·n + 6·h) mod 1530, n = 5, 3, 1 for r, g, b; w_n of the shifted byte is one table lookup
+    (_HUE_WEIGHTS), and the rounding is integer arithmetic. (tests/test_dali.py checks the whole op
+    against torchvision on all 2^24 colours.)
     """
     v = fn.reductions.max(x, axes=2, keep_dims=True)  # HxWx1
     c = v - fn.reductions.min(x, axes=2, keep_dims=True)  # HxWx1, chroma
@@ -161,13 +170,13 @@ def hue(x, byte):
     h = fn.cast(fn.reductions.sum(first * sector, axes=2, keep_dims=True), dtype=types.FLOAT64) / 6.0 + 1.0
     h = fn.cast(h - (h >= 1.0), dtype=types.FLOAT)  # HxWx1: fmod(h, 1), stored in a float as PIL does
     h = dmath.floor(fn.cast(h, dtype=types.FLOAT64) * 255.0)  # HxWx1, the hue byte
-    s = dmath.floor(255.0 * c / (v + (v == 0)))  # HxWx1, the saturation byte
-    h = _mod(h + byte, 256.0)  # torchvision's uint8 wrap
-    k = _mod(types.Constant(np.array([5 * 255, 3 * 255, 255], np.float32)) + 6.0 * fn.cast(h, dtype=types.FLOAT),
-             1530.0)  # HxWx3
-    w = dmath.clamp(dmath.min(k, 1020.0 - k), 0.0, 255.0)
-    num = fn.cast(v * 65025.0 - v * s * w, dtype=types.INT32)  # 255^2·output, exact
-    return fn.cast((2 * num + 65025) // 130050, dtype=types.FLOAT)  # HxWx3, rounded half up
+    s = fn.cast(dmath.floor(255.0 * c / (v + (v == 0))), dtype=types.INT32)  # HxWx1, the saturation byte
+    shifted = fn.cast(h + byte, dtype=types.INT32)  # HxWx1 in [0, 510]: the table does the uint8 wrap
+    w = fn.lookup_table(shifted + types.Constant(np.array([0, 512, 1024], np.int32)), keys=list(range(1536)),
+                        values=_HUE_WEIGHTS, dtype=types.INT32)  # HxWx3: w_n
+    v = fn.cast(v, dtype=types.INT32)
+    num = (v * 130050 + 65025) - (2 * v * s) * w  # HxWx3: 2·255^2·(v - v·s·w_n / 255^2) + 255^2, > 0
+    return fn.cast(num // 130050, dtype=types.FLOAT)  # HxWx3, rounded half up
 
 
 def _affine_slot(y, slot, ops):
@@ -221,12 +230,23 @@ def jitter(x, v: ViewSpec, before, hue_byte=None, after=()):
         return x
     y = fn.cast(x, dtype=types.FLOAT)
     for slot in before:
-        y = _affine_slot(y, slot, ops)
+        y = _slot(y, slot, ops)
     if H in ops:
         y = hue(y, hue_byte)
         for slot in after:
-            y = _affine_slot(y, slot, ops)
+            y = _slot(y, slot, ops)
     return fn.cast(y, dtype=types.UINT8)
+
+
+def _slot(y, slot, ops):
+    """An affine slot, run only on the samples for which it does something when it has an `on` coin
+    (the slots around hue: half of them are nothing for any one sample)."""
+    *coefficients, on = slot
+    if on is None:
+        return _affine_slot(y, coefficients, ops)
+    if on:
+        y = _affine_slot(y, coefficients, ops)
+    return y
 
 
 def grayscale(x):
@@ -339,7 +359,8 @@ def jitter_factors(v: ViewSpec, p: np.ndarray) -> tuple[dict[int, np.ndarray], n
 def jitter_slots(v: ViewSpec, factors: dict[int, np.ndarray], which: np.ndarray) -> dict[str, np.ndarray]:
     """What jitter() reads for the orders `which` and `factors`: per affine slot (_slot_plan),
     `{slot}_f` (the factor, 1 for nothing), `{slot}_wc` (1 for contrast) and `{slot}_ws` (1 for
-    saturation), float32, the weights only when the op is enabled; `hue`, the hue byte."""
+    saturation), float32, the weights only when the op is enabled; with hue, `{slot}_on` (bool: the
+    slot does something) and `hue`, the hue byte."""
     orders = jitter_orders(v)
     ops = set(orders[0])
     before, after = _slot_plan(orders)
@@ -353,6 +374,8 @@ def jitter_slots(v: ViewSpec, factors: dict[int, np.ndarray], which: np.ndarray)
         for op, key in ((C, "wc"), (S, "ws")):
             if op in ops:
                 out[f"{name}_{key}"] = (kind == op).astype(np.float32)
+        if H in ops:  # around hue a slot is nothing for some samples: they skip it
+            out[f"{name}_on"] = kind != _IDENTITY_SLOT
     if H in ops:
         out["hue"] = hue_byte(factors[H])
     return out
@@ -394,8 +417,8 @@ def plan_layout(views: Sequence[ViewSpec], finish: bool) -> list[list[tuple[str,
 
 
 def _slots(plan: dict, prefix: str) -> list[tuple]:
-    """The (f, wc, ws) nodes of the slots `prefix`0, 1, ... (None for a weight the view leaves out)."""
-    return [(plan[f"{prefix}{j}_f"], plan.get(f"{prefix}{j}_wc"), plan.get(f"{prefix}{j}_ws"))
+    """The (f, wc, ws, on) nodes of the slots `prefix`0, 1, ... (None for a field the view leaves out)."""
+    return [(plan[f"{prefix}{j}_f"], plan.get(f"{prefix}{j}_wc"), plan.get(f"{prefix}{j}_ws"), plan.get(f"{prefix}{j}_on"))
             for j in itertools.takewhile(lambda j: f"{prefix}{j}_f" in plan, itertools.count())]
 
 

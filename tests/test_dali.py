@@ -127,7 +127,7 @@ def _const(value):
 
 def _dali_apply(op, images: list[np.ndarray], *per_sample, gpu: bool = False) -> list[np.ndarray]:
     """op(x, *args) in a DALI pipeline over HxWx3 uint8 `images` with per-sample scalar args."""
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=0 if gpu else None, seed=0)
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=0 if gpu else None, seed=0, enable_conditionals=True)
     def pipe():
         x = fn.external_source(source=_const(images), layout="HWC", batch=True, device="gpu" if gpu else "cpu")
         return op(x, *[fn.external_source(source=_const(list(a)), batch=True) for a in per_sample])
@@ -164,6 +164,18 @@ def test_jitter_ops_are_bit_exact_with_torchvision(tiles, op, lo, hi):
         assert np.array_equal(o, np.array(TV_OPS[op](Image.fromarray(tile), float(factor)))), (op, factor)
 
 
+def test_hue_is_bit_exact_with_torchvision_on_every_colour():
+    # all 2^24 RGB colours (four 2048 x 2048 images), two shifts of opposite sign: PIL's float steps on
+    # the way to HSV, the uint8 wrap of the shifted byte (a table) and the integer way back
+    c = np.arange(1 << 24, dtype=np.uint32)
+    every = np.stack([c >> 16, (c >> 8) & 255, c & 255], axis=-1).astype(np.uint8).reshape(4, 2048, 2048, 3)
+    for f in np.array([0.2345, -0.3987], np.float32):
+        out = _dali_apply(_float_op(D.hue), list(every), D.hue_byte(np.full(4, f)))
+        for img, o in zip(every, out):
+            differ = (o != np.array(TF.adjust_hue(Image.fromarray(img), float(f)))).any(axis=-1)
+            assert not differ.any(), (f, img[differ][:5])
+
+
 def test_jitter_random_order_is_bit_exact_with_torchvision(tiles):
     v = ViewSpec()  # all four ops enabled: 24 orders
     orders = D.jitter_orders(v)
@@ -174,7 +186,7 @@ def test_jitter_random_order_is_bit_exact_with_torchvision(tiles):
                D.H: rng.uniform(-0.1, 0.1, 24)}
     f32 = [factors[op].astype(np.float32) for op in (D.B, D.C, D.S, D.H)]
     plan = D.jitter_slots(v, dict(zip((D.B, D.C, D.S, D.H), f32)), np.arange(24))
-    assert set(plan) == {"hue"} | {f"{s}{j}_{k}" for s in ("before", "after") for j in range(3) for k in "f wc ws".split()}
+    assert set(plan) == {"hue"} | {f"{s}{j}_{k}" for s in ("before", "after") for j in range(3) for k in "f wc ws on".split()}
 
     def graph(x, *nodes):
         p = dict(zip(plan, nodes))
@@ -226,6 +238,8 @@ def test_jitter_factors_follow_sample_color():
         want = np.select([kind == D.B, kind == D.C, kind == D.S], [factors[D.B], factors[D.C], factors[D.S]], 1.0)
         assert np.array_equal(plan[f"{name}_f"], want.astype(np.float32))
         assert np.array_equal(plan[f"{name}_wc"], kind == D.C) and np.array_equal(plan[f"{name}_ws"], kind == D.S)
+        assert np.array_equal(plan[f"{name}_on"], kind != D._IDENTITY_SLOT)
+    assert sum(plan[f"{name}_on"].astype(int) for name in [f"{s}{j}" for s in ("before", "after") for j in range(3)]).tolist() == [3] * len(which)
     assert np.array_equal(plan["hue"], np.mod(np.trunc(factors[D.H].astype(np.float64) * 255), 256))
     # an op switched off is no field: no slot weight is fed for it, and no hue byte
     only_b = D.jitter_slots(replace(v, contrast=0.0, saturation=0.0, hue=0.0), {D.B: factors[D.B]}, which * 0)
