@@ -341,10 +341,14 @@ def test_image_size_reads_the_stored_size_from_the_header(photo_root, tmp_path):
     for name, want in (("exif.jpg", (30, 50)), ("progressive.jpg", (30, 50)), ("lossless.png", (30, 50)),
                        ("noise.jpg", (1, 1)), ("empty.jpg", (1, 1)), ("missing.jpg", (1, 1))):
         assert D.image_size(str(tmp_path / name)) == want, name
-    sizes = D._Sizes([str(tmp_path / "exif.jpg"), str(tmp_path / "lossless.png")])
-    assert [h.tolist() for h in sizes([1, 0, 1])] == [[30, 30, 30], [50, 50, 50]]
+    names = ["exif.jpg", "lossless.png", "noise.jpg", "progressive.jpg"]
+    for threads in (1, 4):
+        sizes = D._Sizes([str(tmp_path / n) for n in names], threads=threads)
+        assert [h.tolist() for h in sizes([1, 0, 1, 2])] == [[30, 30, 30, 1], [50, 50, 50, 1]]
+        assert [h.tolist() for h in sizes([3])] == [[30], [50]]
+        sizes.close()
     (tmp_path / "exif.jpg").unlink()  # read once, then kept
-    assert [h.tolist() for h in sizes([0])] == [[30], [50]]
+    assert [h.tolist() for h in sizes([0, 3])] == [[30, 30], [50, 50]]
 
 
 # ------------------------------------------------------------------- the pipeline, one op at a time
