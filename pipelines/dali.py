@@ -32,8 +32,8 @@ a view (crop tries, flip, jitter coin, order and factors, grey, blur and its sig
 U[0, 1) number from a counter-based stream keyed by (seed, epoch, sample index, view) (`draws`; the
 FFCV backend draws its crops from the same stream); the host turns them, per batch, into what the
 graph reads (`view_plan`: boxes, flips, coins, the jitter slots' factors, the hue byte, sigma) and
-feeds those with `fn.external_source`. (Computed in the graph, they took some 450 scalar operators
-and ~50 ms of CPU per batch of 128 here, against ~10 ms now.) So a sample's views depend only on
+feeds those with `fn.external_source`. (In the graph they were some 450 scalar operators: 45 ms of
+CPU per batch of 128 on a 2-core VM, file reads included, against 12 ms now; README.) So a sample's views depend only on
 (seed, epoch, index), as with the torch reference: not on the process layout, and a resumed epoch
 sees the same views as the uninterrupted one, bit for bit (the torch reference draws from another
 stream: same distributions, not the same pixels).
