@@ -250,9 +250,8 @@ def _slot(y, slot, ops):
 
 
 def grayscale(x):
-    """PIL convert("L").convert("RGB") on uint8 HxWx3."""
-    g = fn.cast(_grey(x), dtype=types.UINT8)  # HxWx1
-    return fn.cat(g, g, g, axis=2)
+    """PIL convert("L").convert("RGB") on uint8 HxWx3: the "L" value of _grey in all three channels."""
+    return fn.cast(dmath.floor(fn.coord_transform(x, M=_L_ROW * 3, T=[0.5] * 3)), dtype=types.UINT8)
 
 
 def gaussian_blur(x, v: ViewSpec, sigma):
@@ -261,9 +260,9 @@ def gaussian_blur(x, v: ViewSpec, sigma):
 
 
 def solarize(x, threshold: int):
-    """torchvision/PIL solarize on uint8: x >= threshold -> 255 - x."""
-    xi = fn.cast(x, dtype=types.INT32)
-    return fn.cast(xi + (xi >= threshold) * (255 - 2 * xi), dtype=types.UINT8)
+    """torchvision/PIL solarize on uint8: x >= threshold -> 255 - x (one table lookup)."""
+    return fn.lookup_table(x, keys=list(range(256)), values=[float(255 - k if k >= threshold else k) for k in range(256)],
+                           dtype=types.UINT8)
 
 
 # ------------------------------------------------------------- the random draws, keyed by the sample
