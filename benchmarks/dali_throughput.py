@@ -89,6 +89,7 @@ def dali_images_per_s(paths: Sequence[str], spec, batch: int, threads: int, *, d
     for _ in range(repeats):
         loader = DaliTrainLoader(_repeat(paths, warmup + steps, batch), ["0"], spec, batch, threads=threads,
                                  device_id=device_id, decode=decode, hw_decoder_load=load, finish=finish == "dali")
+        loader.read_sizes()  # the image headers, read once per training run: not the steady state's work
         try:
             timed = DeviceAugLoader(loader, spec, device) if finish == "device_aug" else loader
             rates.append(_time_batches(timed, warmup, steps, batch, device))

@@ -50,9 +50,11 @@ next batch asked for is not the stream's next (a resume elsewhere, a bad file): 
 start_step)` is an exact seek. The train pipeline uses no DALI reader: `readers.file`'s `random_shuffle`
 shuffles within a 1024-sample buffer, which on a class-sorted list gives near-single-class batches.
 
-Unreadable files are replaced as the torch reference replaces them. DALI stops a pipeline at the first
-file it cannot read. It names empty or missing files (`File mapping failed: <path>`); for a damaged
-image DALI 2.4's decoder error names no file. Then the files of the failing and prefetched batches
+Unreadable files are replaced as the torch reference replaces them. A file whose header no reader can
+read (missing, empty, not an image) is found when the host reads the sizes for its batch and is
+replaced there, before DALI sees it. Otherwise DALI stops a pipeline at the first file it cannot read.
+It names empty or missing files (`File mapping failed: <path>`); for a damaged image DALI 2.4's
+decoder error names no file. Then the files of the failing and prefetched batches
 that PIL cannot read either (the reference's test) are taken: up to (prefetch + 2) x batch full PIL
 decodes on the training thread, once per damaged file. The loader marks the file bad and rebuilds the
 pipeline at the failing batch, with every sample of a bad file read from the reference's replacement
@@ -386,7 +388,10 @@ def view_plan(u: np.ndarray, heights, widths, v: ViewSpec, finish: bool = True) 
     (bool), the jitter slots and hue byte (jitter_slots) and the blur sigma. A field is present only
     when its op can run: an op of probability 0 is not in the graph. The pipeline reads the fields
     by name (`_view`); computing them here rather than in the graph keeps some 450 small operators
-    per batch out of the graph (bit for bit the same values as the graph computed)."""
+    per batch out of the graph. The arithmetic is float64 throughout, as FFCV's draw_crops and the
+    reference's; the graph rounded its range constants to float32, so a factor (rarely a box) can
+    differ in its last bit from the values of that older graph, and a run resumed across that change
+    does not see its earlier views bit for bit."""
     start, end, flip = crop_boxes(heights, widths, u[:, :CROP_DRAWS], v)
     plan = {"start": start, "end": end, "mirror": flip}
     if not finish:
@@ -636,17 +641,20 @@ def _jpeg_size(fh) -> Optional[tuple[int, int]]:
             continue
         if marker in (0xD9, 0xDA):  # end of image, or the scan, before any frame header
             return None
-        length = int.from_bytes(fh.read(2), "big")
+        size = fh.read(2)
+        length = int.from_bytes(size, "big")
+        if len(size) < 2 or length < 2:  # cut off, or a length that would not move on
+            return None
         if marker in _SOF:
             frame = fh.read(5)  # precision, height, width
             return (int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big")) if len(frame) == 5 else None
         fh.seek(length - 2, os.SEEK_CUR)
 
 
-def image_size(path: str) -> tuple[int, int]:
+def image_size(path: str) -> Optional[tuple[int, int]]:
     """(height, width) of an image as stored (no EXIF rotation, as the decoder is told), read from its
-    header: a JPEG's frame header, else PIL's. A header neither can read gives (1, 1): the decoder
-    then fails on the file and the loader replaces it as it replaces any unreadable image."""
+    header: a JPEG's frame header, else PIL's; None when neither can read it (the torch reference,
+    which opens every image with PIL, would find the file unreadable too)."""
     from PIL import Image
 
     try:
@@ -655,16 +663,17 @@ def image_size(path: str) -> tuple[int, int]:
         if hw is None or 0 in hw:
             with Image.open(path) as img:
                 hw = (img.height, img.width)
-        return hw
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return (1, 1)
+        return hw if min(hw) > 0 else None
+    except Exception:  # noqa: BLE001  (any failure: PIL raises many kinds, DecompressionBombError among them)
+        return None
 
 
 class _Sizes:
     """(height, width) of each file, read from its header the first time a batch holds it, then kept
     for the loader's life: only the first epoch pays (image_size: ~20 us a file from the page cache on
     one core here). The headers of a batch are read by `threads` threads, so that a network file
-    system's latency per open is paid in parallel."""
+    system's latency per open is paid in parallel. A header that cannot be read gives (-1, -1) and is
+    not kept (the stream then treats the file as unreadable)."""
 
     def __init__(self, files: Sequence[str], threads: int = 8):
         self.files, self.threads = files, threads
@@ -679,11 +688,18 @@ class _Sizes:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fastairl-sizes")
-            self.hw[missing] = list(self._pool.map(image_size, [self.files[i] for i in missing]))
+            found = list(self._pool.map(image_size, [self.files[i] for i in missing]))
         else:
-            for i in missing:
-                self.hw[i] = image_size(self.files[i])
-        return self.hw[idx, 0], self.hw[idx, 1]
+            found = [image_size(self.files[i]) for i in missing]
+        for i, hw in zip(missing, found):
+            if hw is not None:
+                self.hw[i] = hw
+        hw = self.hw[idx]
+        return hw[:, 0], hw[:, 1]
+
+    def read_all(self) -> None:
+        """Read every size now (a benchmark that must not time the first epoch's header reads)."""
+        self(range(len(self.files)))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -720,10 +736,14 @@ class _Stream:
     @do_not_convert  # host code: kept out of the conditionals' AutoGraph conversion
     def __call__(self, info):
         epoch, mine, read = self.samples(info.iteration)
+        heights, widths = self.sizes(read)  # the file read's (a replacement's, for a bad file)
+        while (heights < 0).any():  # a header no reader can read: a bad file, replaced here and now
+            self.bad.update(self.files[r] for r, h in zip(read, heights.tolist()) if h < 0)
+            epoch, mine, read = self.samples(info.iteration)
+            heights, widths = self.sizes(read)
         paths = [np.frombuffer(os.fsencode(self.files[r]), dtype=np.uint8) for r in read]
         labels = np.array([[self.labels[r]] for r in read], dtype=np.int32)
         u = draws(self.seed, epoch, mine, len(self.views))  # N x V x DRAWS: the drawn sample's
-        heights, widths = self.sizes(read)  # the file read's (a replacement's, for a bad file)
         plans = [view_plan(u[:, k], heights, widths, v, self.finish) for k, v in enumerate(self.views)]
         return [paths, labels] + [a for plan in plans for a in plan.values()]
 
@@ -775,6 +795,11 @@ class DaliTrainLoader:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def read_sizes(self) -> None:
+        """Read every image's size from its header now rather than as the first epoch meets it (a
+        benchmark of the steady state)."""
+        self._sizes.read_all()
 
     def bad_files(self) -> list[str]:
         """The files found unreadable so far (each replaced); the trainer's BadDataMonitor reads them."""

@@ -338,13 +338,17 @@ def test_image_size_reads_the_stored_size_from_the_header(photo_root, tmp_path):
     img.save(tmp_path / "lossless.png")
     (tmp_path / "noise.jpg").write_bytes(b"\xff\xd8" + bytes(range(256)) * 4)
     (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0")  # cut off after a marker: no endless loop
+    (tmp_path / "fill.jpg").write_bytes(b"\xff\xd8\xff\xff\xe1")
+    (tmp_path / "zero.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x00" + b"\x00" * 64)  # a length of 0
     for name, want in (("exif.jpg", (30, 50)), ("progressive.jpg", (30, 50)), ("lossless.png", (30, 50)),
-                       ("noise.jpg", (1, 1)), ("empty.jpg", (1, 1)), ("missing.jpg", (1, 1))):
+                       ("noise.jpg", None), ("empty.jpg", None), ("missing.jpg", None), ("cut.jpg", None),
+                       ("fill.jpg", None), ("zero.jpg", None)):
         assert D.image_size(str(tmp_path / name)) == want, name
     names = ["exif.jpg", "lossless.png", "noise.jpg", "progressive.jpg"]
     for threads in (1, 4):
         sizes = D._Sizes([str(tmp_path / n) for n in names], threads=threads)
-        assert [h.tolist() for h in sizes([1, 0, 1, 2])] == [[30, 30, 30, 1], [50, 50, 50, 1]]
+        assert [h.tolist() for h in sizes([1, 0, 1, 2])] == [[30, 30, 30, -1], [50, 50, 50, -1]]  # -1: unreadable
         assert [h.tolist() for h in sizes([3])] == [[30], [50]]
         sizes.close()
     (tmp_path / "exif.jpg").unlink()  # read once, then kept
@@ -648,6 +652,9 @@ def test_unreadable_files_are_replaced_like_the_reference(bad_photos):
     for epoch, got in enumerate(runs):  # the reference's replacements: the same labels in the same slots
         assert [lb.tolist() for _, lb in got] == [lb.tolist() for _, lb in _epoch(ref, epoch)]
     assert loader.bad_files() == sorted(bad) == sorted(ref.bad_files())
+    # the empty and the text file were replaced when their headers were read: only the truncated JPEG
+    # (a readable header) stopped a pipeline, which was rebuilt once
+    assert loader.builds == 2
     # the same views whether the loader meets the bad files mid-pass (a new process) or knows them
     assert _same(_epoch(D.DaliTrainLoader(samples, classes, spec, 8, seed=2), 1, start_step=1), runs[1][1:])
     assert _same(_epoch(loader, 1, start_step=1), runs[1][1:])
