@@ -263,8 +263,8 @@ def gaussian_blur(x, v: ViewSpec, sigma):
 
 def solarize(x, threshold: int):
     """torchvision/PIL solarize on uint8: x >= threshold -> 255 - x (one table lookup)."""
-    return fn.lookup_table(x, keys=list(range(256)), values=[float(255 - k if k >= threshold else k) for k in range(256)],
-                           dtype=types.UINT8)
+    table = [float(255 - k if k >= threshold else k) for k in range(256)]
+    return fn.lookup_table(x, keys=list(range(256)), values=table, dtype=types.UINT8)
 
 
 # ------------------------------------------------------------- the random draws, keyed by the sample
@@ -357,6 +357,11 @@ def jitter_factors(v: ViewSpec, p: np.ndarray) -> tuple[dict[int, np.ndarray], n
     return factors, np.floor(p[:, _ORDER] * max(1, len(orders))).astype(np.int64)
 
 
+def _named_slots(before: list, after: list) -> list[tuple[str, list]]:
+    """(before0, before[0]), ..., (after0, after[0]), ...: the slots' field prefixes with their tables."""
+    return [(f"before{j}", t) for j, t in enumerate(before)] + [(f"after{j}", t) for j, t in enumerate(after)]
+
+
 def jitter_slots(v: ViewSpec, factors: dict[int, np.ndarray], which: np.ndarray) -> dict[str, np.ndarray]:
     """What jitter() reads for the orders `which` and `factors`: per affine slot (_slot_plan),
     `{slot}_f` (the factor, 1 for nothing), `{slot}_wc` (1 for contrast) and `{slot}_ws` (1 for
@@ -366,7 +371,7 @@ def jitter_slots(v: ViewSpec, factors: dict[int, np.ndarray], which: np.ndarray)
     ops = set(orders[0])
     before, after = _slot_plan(orders)
     out = {}
-    for name, kinds in [(f"before{j}", t) for j, t in enumerate(before)] + [(f"after{j}", t) for j, t in enumerate(after)]:
+    for name, kinds in _named_slots(before, after):
         kind = np.asarray(kinds)[which]  # N: the op this slot applies to each sample
         f = np.ones(len(which), np.float32)
         for op in ops - {H}:
@@ -422,7 +427,7 @@ def plan_layout(views: Sequence[ViewSpec], finish: bool) -> list[list[tuple[str,
 
 def _slots(plan: dict, prefix: str) -> list[tuple]:
     """The (f, wc, ws, on) nodes of the slots `prefix`0, 1, ... (None for a field the view leaves out)."""
-    return [(plan[f"{prefix}{j}_f"], plan.get(f"{prefix}{j}_wc"), plan.get(f"{prefix}{j}_ws"), plan.get(f"{prefix}{j}_on"))
+    return [tuple(plan.get(f"{prefix}{j}_{key}") for key in ("f", "wc", "ws", "on"))
             for j in itertools.takewhile(lambda j: f"{prefix}{j}_f" in plan, itertools.count())]
 
 

@@ -186,7 +186,8 @@ def test_jitter_random_order_is_bit_exact_with_torchvision(tiles):
                D.H: rng.uniform(-0.1, 0.1, 24)}
     f32 = [factors[op].astype(np.float32) for op in (D.B, D.C, D.S, D.H)]
     plan = D.jitter_slots(v, dict(zip((D.B, D.C, D.S, D.H), f32)), np.arange(24))
-    assert set(plan) == {"hue"} | {f"{s}{j}_{k}" for s in ("before", "after") for j in range(3) for k in "f wc ws on".split()}
+    slots = [f"{s}{j}" for s in ("before", "after") for j in range(3)]
+    assert set(plan) == {"hue"} | {f"{slot}_{k}" for slot in slots for k in ("f", "wc", "ws", "on")}
 
     def graph(x, *nodes):
         p = dict(zip(plan, nodes))
@@ -233,13 +234,14 @@ def test_jitter_factors_follow_sample_color():
     # a slot applies its order's op with that op's factor, or nothing (factor 1, no weights)
     plan = D.jitter_slots(v, factors, which)
     before, after = D._slot_plan(orders)
-    for name, table in [(f"before{j}", t) for j, t in enumerate(before)] + [(f"after{j}", t) for j, t in enumerate(after)]:
+    for name, table in D._named_slots(before, after):
         kind = np.asarray(table)[which]
         want = np.select([kind == D.B, kind == D.C, kind == D.S], [factors[D.B], factors[D.C], factors[D.S]], 1.0)
         assert np.array_equal(plan[f"{name}_f"], want.astype(np.float32))
         assert np.array_equal(plan[f"{name}_wc"], kind == D.C) and np.array_equal(plan[f"{name}_ws"], kind == D.S)
         assert np.array_equal(plan[f"{name}_on"], kind != D._IDENTITY_SLOT)
-    assert sum(plan[f"{name}_on"].astype(int) for name in [f"{s}{j}" for s in ("before", "after") for j in range(3)]).tolist() == [3] * len(which)
+    active = sum(plan[f"{name}_on"].astype(int) for name, _ in D._named_slots(before, after))
+    assert active.tolist() == [3] * len(which)  # with all four ops, three slots act on each sample
     assert np.array_equal(plan["hue"], np.mod(np.trunc(factors[D.H].astype(np.float64) * 255), 256))
     # an op switched off is no field: no slot weight is fed for it, and no hue byte
     only_b = D.jitter_slots(replace(v, contrast=0.0, saturation=0.0, hue=0.0), {D.B: factors[D.B]}, which * 0)
@@ -842,6 +844,24 @@ def test_gpu_ops_match_the_cpu_ops(tiles):
     for cpu, gpu in zip(_dali_apply(lambda x, s: D.gaussian_blur(x, v, s), tiles, sigma),
                         _dali_apply(lambda x, s: D.gaussian_blur(x, v, s), tiles, sigma, gpu=True)):
         assert np.abs(cpu.astype(int) - gpu).max() <= 1
+    # grey and solarise are exact integer work (a table; products and sums below 2^24): equal
+    for op in (lambda x, f: D.grayscale(x), lambda x, f: D.solarize(x, 100)):
+        cpu, gpu = _dali_apply(op, tiles, sigma), _dali_apply(op, tiles, sigma, gpu=True)
+        assert all(np.array_equal(c, g) for c, g in zip(cpu, gpu))
+    # the whole jitter with per-sample orders (the slot conditionals around hue on GPU data)
+    v = ViewSpec()
+    rng = np.random.default_rng(1)
+    factors = {op: rng.uniform(lo, hi, len(tiles)).astype(np.float32)
+               for op, lo, hi in ((D.B, 0.6, 1.4), (D.C, 0.6, 1.4), (D.S, 0.8, 1.2), (D.H, -0.1, 0.1))}
+    plan = D.jitter_slots(v, factors, np.arange(len(tiles)) % 24)
+
+    def graph(x, *nodes):
+        p = dict(zip(plan, nodes))
+        return D.jitter(x, v, D._slots(p, "before"), p["hue"], D._slots(p, "after"))
+
+    cpu = np.stack(_dali_apply(graph, tiles, *plan.values())).astype(int)
+    gpu = np.stack(_dali_apply(graph, tiles, *plan.values(), gpu=True))
+    assert np.abs(cpu - gpu).max() <= 2 and (cpu == gpu).mean() > 0.99
 
 
 @pytest.mark.cuda
