@@ -848,7 +848,8 @@ def test_gpu_ops_match_the_cpu_ops(tiles):
     for op in (lambda x, f: D.grayscale(x), lambda x, f: D.solarize(x, 100)):
         cpu, gpu = _dali_apply(op, tiles, sigma), _dali_apply(op, tiles, sigma, gpu=True)
         assert all(np.array_equal(c, g) for c, g in zip(cpu, gpu))
-    # the whole jitter with per-sample orders (the slot conditionals around hue on GPU data)
+    # the whole jitter with per-sample orders (the slot conditionals around hue on GPU data): each
+    # arithmetic operator is its own kernel, so only coord_transform's sums could round differently
     v = ViewSpec()
     rng = np.random.default_rng(1)
     factors = {op: rng.uniform(lo, hi, len(tiles)).astype(np.float32)
@@ -861,7 +862,9 @@ def test_gpu_ops_match_the_cpu_ops(tiles):
 
     cpu = np.stack(_dali_apply(graph, tiles, *plan.values())).astype(int)
     gpu = np.stack(_dali_apply(graph, tiles, *plan.values(), gpu=True))
-    assert np.abs(cpu - gpu).max() <= 2 and (cpu == gpu).mean() > 0.99
+    # a pixel moved by one level before hue can move further through it, so the bound is on how many
+    # pixels differ, not by how much
+    assert (cpu == gpu).mean() > 0.99 and np.abs(cpu - gpu).mean() < 0.05
 
 
 @pytest.mark.cuda
