@@ -33,10 +33,10 @@ U[0, 1) number from a counter-based stream keyed by (seed, epoch, sample index, 
 FFCV backend draws its crops from the same stream); the host turns them, per batch, into what the
 graph reads (`view_plan`: boxes, flips, coins, the jitter slots' factors, the hue byte, sigma) and
 feeds those with `fn.external_source`. (In the graph they were some 450 scalar operators: 45 ms of
-CPU per batch of 128 on a 2-core VM, file reads included, against 12 ms now; README.) So a sample's views depend only on
-(seed, epoch, index), as with the torch reference: not on the process layout, and a resumed epoch
-sees the same views as the uninterrupted one, bit for bit (the torch reference draws from another
-stream: same distributions, not the same pixels).
+CPU per batch of 128 on a 2-core VM, file reads included, against 12 ms now; README.) So a sample's
+views depend only on (seed, epoch, index), as with the torch reference: not on the process layout,
+and a resumed epoch sees the same views as the uninterrupted one, bit for bit (the torch reference
+draws from another stream: same distributions, not the same pixels).
 
 Sample order and sharding: the sample order comes from the host too, fed with the draws: batch j of
 a pipeline is the j-th of a stream that starts at some (epoch, step) and runs on through the epochs
@@ -102,9 +102,9 @@ _IDENTITY_SLOT = 3
 
 
 # ------------------------------------------------------------------- the ops (HxWx3, integer values)
-def _grey(x):
-    """HxWx3 -> HxWx1 float: PIL's "L" value of every pixel, exactly."""
-    return dmath.floor(fn.coord_transform(x, M=_L_ROW, T=[0.5]))
+def _grey(x, channels: int = 1):
+    """HxWx3 -> HxWx`channels` float: PIL's "L" value of every pixel, exactly, in each channel."""
+    return dmath.floor(fn.coord_transform(x, M=_L_ROW * channels, T=[0.5] * channels))
 
 
 def _blend(base, x, factor):
@@ -198,12 +198,16 @@ def _affine_slot(y, slot, ops):
     return _blend(sum(terms[1:], terms[0]) if terms else 0.0, y, f)
 
 
+def jitter_ops(v: ViewSpec) -> tuple[int, ...]:
+    """The enabled jitter ops, in B, C, S, H order (an op whose range is the single identity value is
+    left out, as torch_ref skips it)."""
+    return tuple(op for op, amount in zip((B, C, S, H), (v.brightness, v.contrast, v.saturation, v.hue))
+                 if amount > 0)
+
+
 def jitter_orders(v: ViewSpec) -> list[tuple[int, ...]]:
-    """Every order of the enabled jitter ops (an op whose range is the single identity value is left
-    out, as torch_ref skips it); the pipeline draws one uniformly per sample."""
-    enabled = [op for op, amount in zip((B, C, S, H), (v.brightness, v.contrast, v.saturation, v.hue))
-               if amount > 0]
-    return list(itertools.permutations(enabled))
+    """Every order of the enabled jitter ops; the pipeline draws one uniformly per sample."""
+    return list(itertools.permutations(jitter_ops(v)))
 
 
 def _slot_plan(orders: list[tuple[int, ...]]) -> tuple[list[list[int]], list[list[int]]]:
@@ -223,18 +227,18 @@ def _slot_plan(orders: list[tuple[int, ...]]) -> tuple[list[list[int]], list[lis
     return before, after
 
 
-def jitter(x, v: ViewSpec, before, hue_byte=None, after=()):
+def jitter(x, v: ViewSpec, before, byte=None, after=()):
     """Colour jitter, per sample in the order its slots spell (jitter_slots): the affine slots
-    `before` (each (f, wc, ws)), hue by `hue_byte` when the view has hue, the slots `after`.
-    uint8 HxWx3 -> uint8 HxWx3."""
-    ops = set(jitter_orders(v)[0]) if jitter_orders(v) else set()
+    `before` (each (f, wc, ws, on)), hue by the hue byte `byte` when the view has hue, the slots
+    `after`. uint8 HxWx3 -> uint8 HxWx3."""
+    ops = set(jitter_ops(v))
     if not ops:
         return x
     y = fn.cast(x, dtype=types.FLOAT)
     for slot in before:
         y = _slot(y, slot, ops)
     if H in ops:
-        y = hue(y, hue_byte)
+        y = hue(y, byte)
         for slot in after:
             y = _slot(y, slot, ops)
     return fn.cast(y, dtype=types.UINT8)
@@ -253,7 +257,7 @@ def _slot(y, slot, ops):
 
 def grayscale(x):
     """PIL convert("L").convert("RGB") on uint8 HxWx3: the "L" value of _grey in all three channels."""
-    return fn.cast(dmath.floor(fn.coord_transform(x, M=_L_ROW * 3, T=[0.5] * 3)), dtype=types.UINT8)
+    return fn.cast(_grey(x, channels=3), dtype=types.UINT8)
 
 
 def gaussian_blur(x, v: ViewSpec, sigma):
@@ -352,9 +356,8 @@ def jitter_factors(v: ViewSpec, p: np.ndarray) -> tuple[dict[int, np.ndarray], n
     """Per-sample factors {op: N float32} with sample_color's ranges and the index of each sample's
     order in jitter_orders(v) (N int), from the view's photometric uniforms `p` (N x PHOTO_DRAWS)."""
     ranges = dict(zip((B, C, S, H), jitter_ranges(v)))
-    orders = jitter_orders(v)
-    factors = {op: _between(p[:, _FACTOR[op]], *ranges[op]) for op in (orders[0] if orders else ())}
-    return factors, np.floor(p[:, _ORDER] * max(1, len(orders))).astype(np.int64)
+    factors = {op: _between(p[:, _FACTOR[op]], *ranges[op]) for op in jitter_ops(v)}
+    return factors, np.floor(p[:, _ORDER] * max(1, len(jitter_orders(v)))).astype(np.int64)
 
 
 def _named_slots(before: list, after: list) -> list[tuple[str, list]]:
@@ -367,9 +370,8 @@ def jitter_slots(v: ViewSpec, factors: dict[int, np.ndarray], which: np.ndarray)
     `{slot}_f` (the factor, 1 for nothing), `{slot}_wc` (1 for contrast) and `{slot}_ws` (1 for
     saturation), float32, the weights only when the op is enabled; with hue, `{slot}_on` (bool: the
     slot does something) and `hue`, the hue byte."""
-    orders = jitter_orders(v)
-    ops = set(orders[0])
-    before, after = _slot_plan(orders)
+    ops = set(jitter_ops(v))
+    before, after = _slot_plan(jitter_orders(v))
     out = {}
     for name, kinds in _named_slots(before, after):
         kind = np.asarray(kinds)[which]  # N: the op this slot applies to each sample
@@ -402,7 +404,7 @@ def view_plan(u: np.ndarray, heights, widths, v: ViewSpec, finish: bool = True) 
     if not finish:
         return plan
     p = u[:, CROP_DRAWS:]
-    if v.jitter_p > 0 and jitter_orders(v):
+    if v.jitter_p > 0 and jitter_ops(v):
         plan["jitter"] = p[:, _JITTER] < v.jitter_p
         plan.update(jitter_slots(v, *jitter_factors(v, p)))
     if v.gray_p > 0:
