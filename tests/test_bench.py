@@ -60,6 +60,26 @@ def test_bench_step_quick(tmp_path):
     assert "bare/fastairl" in proc.stdout and "pipeline img/s" in proc.stdout  # the printed table
 
 
+def test_bench_checkpoint_quick(tmp_path):
+    """The checkpoint benchmark saves through the trainer's path: a real, verified checkpoint of the
+    state it sized, every figure finite, and the first save's cost reported apart from the later ones."""
+    out = tmp_path / "ckpt.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_checkpoint.py"), "--quick",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["environment"]["torch_threads"] == 1 and report["params"]["device"] == "cpu"
+    res = report["results"]
+    repeats = report["params"]["repeats"]
+    for key in ("submit_s", "write_s", "img_per_s_during_write", "img_per_s_quiet", "slowdown", "overlap"):
+        s = res[key]
+        assert len(s["repeats"]) == repeats and all(_finite(v) and v > 0 for v in s["repeats"]), (key, s)
+    assert _finite(res["first_submit_s"]) and res["first_submit_s"] > 0 and res["overlap"]["max"] <= 1
+    # the file on disk holds the state measured (plus the config's text and the digest)
+    assert 0.99 < res["checkpoint_file_mb"] / res["state_mb"] < 1.1, res
+    assert not list(tmp_path.glob("ckpt_*"))  # the checkpoints' folder is removed
+
+
 def _bench_pipeline(tmp_path, paths: str) -> tuple[subprocess.CompletedProcess, dict]:
     """Run bench_pipeline.py --quick on `paths`; every path is measured with finite, positive repeats."""
     out = tmp_path / "pipeline.json"
