@@ -136,16 +136,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from accelerate import Accelerator
-
     from fastairl.config import config_to_dict
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    on_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    if on_cuda and not torch.cuda.is_available():
-        sys.exit("--device cuda: CUDA is not available here; use --device auto or cpu")
-    accelerator = Accelerator(cpu=not on_cuda, mixed_precision="bf16" if on_cuda else "no")
+    accelerator, on_cuda = B.make_accelerator(args)
     env = B.environment_info(accelerator)
     cfg, overrides = B.method_config(args.method, args, on_cuda)
     out = Path(args.out)

@@ -469,8 +469,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def make_accelerator(args):
+    """(Accelerator, on_cuda) for --device and --threads: bf16 on a GPU, fp32 on the CPU."""
     from accelerate import Accelerator
 
     if args.threads:
@@ -478,7 +478,12 @@ def main(argv=None) -> dict:
     on_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     if on_cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available here; use --device auto or cpu")
-    accelerator = Accelerator(cpu=not on_cuda, mixed_precision="bf16" if on_cuda else "no")
+    return Accelerator(cpu=not on_cuda, mixed_precision="bf16" if on_cuda else "no"), on_cuda
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator, on_cuda = make_accelerator(args)
     device = accelerator.device
     env = environment_info(accelerator)
     print(f"device {device} ({env['cuda_device'] or env['cpu_model']}), torch {torch.__version__}, "

@@ -88,6 +88,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy  # n
 from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ViewSpec,  # noqa: E402
                                    jitter_ranges, linear_train_spec, spec_from_config)
 from fastairl.data.datasets import DataError, ImageReadError, eval_indices  # noqa: E402
+from fastairl.data.draws import CROP_DRAWS, FLIP, HEIGHT, LEFT, TOP, WIDTH, crop_boxes, uniforms  # noqa: E402
 from fastairl.pipelines.torch_ref import (DualViewDataset, EpochBatchSampler, _open_rgb,  # noqa: E402
                                           replacement_candidates)
 
@@ -276,33 +277,11 @@ def solarize(x, threshold: int):
 # `sample_rng`: the host draws U[0, 1) numbers from a counter-based stream (splitmix64), maps them to
 # boxes, coins and factors (`view_plan`) and feeds those with `fn.external_source`. The graph has no
 # random op, so a pipeline rebuilt at any step (a resume, a replaced file) gives the same views.
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _PHOTO_STREAM = 1 << 16  # the photometric stream of view v is keyed by v + _PHOTO_STREAM, its crop stream by v
-_TRIES = 10  # torchvision's RandomResizedCrop tries
-CROP_DRAWS = 2 * _TRIES + 4  # try k reads 2k, 2k+1 and, when its box fits, 2k+2 (top), 2k+3 (left), 2k+4 (flip)
 _JITTER, _ORDER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(6)
 _FACTOR = {B: 6, C: 7, S: 8, H: 9}
 PHOTO_DRAWS = 10
 DRAWS = CROP_DRAWS + PHOTO_DRAWS  # per view: the crop stream's uniforms, then the photometric stream's
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def uniforms(seed: int, epoch: int, indices: np.ndarray, stream: int, count: int) -> np.ndarray:
-    """N x count U[0, 1) (53 bits) of the stream keyed by (seed, epoch, index, stream): the FFCV
-    backend's counter-based stream (`ffcv_loader._key` / `_uniform`), vectorised."""
-    with np.errstate(over="ignore"):
-        h = _mix(np.full(len(indices), seed, np.uint64) + _GAMMA)
-        h = _mix(h ^ (np.uint64(epoch) + _GAMMA))
-        h = _mix(h ^ (np.asarray(indices, np.uint64) + _GAMMA))
-        h = _mix(h ^ (np.uint64(stream) + _GAMMA))  # N
-        steps = _GAMMA * np.arange(1, count + 1, dtype=np.uint64)  # count
-        return (_mix(h[:, None] + steps) >> np.uint64(11)) * (1.0 / 2 ** 53)  # N x count
 
 
 def draws(seed: int, epoch: int, indices: np.ndarray, num_views: int) -> np.ndarray:
@@ -315,41 +294,6 @@ def draws(seed: int, epoch: int, indices: np.ndarray, num_views: int) -> np.ndar
 def _between(u, lo: float, hi: float) -> np.ndarray:
     """U[0, 1) -> U[lo, hi) as float32 (a factor or a sigma)."""
     return (lo + (hi - lo) * u).astype(np.float32)
-
-
-def _exp(x: np.ndarray) -> np.ndarray:
-    """math.exp element by element (the C library's exp, as the reference and FFCV's numba use;
-    numpy's vectorised exp may differ in the last bit, which can move a rounded box side)."""
-    return np.array([math.exp(a) for a in x.ravel().tolist()], np.float64).reshape(x.shape)
-
-
-def crop_boxes(heights, widths, u: np.ndarray, v: ViewSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """sample_crop's rule (torchvision's RandomResizedCrop) for images of `heights` x `widths` from the
-    view's crop uniforms `u` (N x CROP_DRAWS, consumed as FFCV's draw_crops does): area ~ U(scale)·HW,
-    log-aspect ~ U(log ratio), ten tries, else the whole image narrowed to the ratio range, centred.
-    -> (start [top, left] N x 2 float32, end [bottom, right] N x 2 float32, flip N int32).
-
-    The ten tries are computed at once (float64) and the first that fits is picked."""
-    hgt = np.asarray(heights, np.float64)[:, None]  # N x 1
-    wid = np.asarray(widths, np.float64)[:, None]
-    (lo, hi), (r_lo, r_hi) = v.crop_scale, v.crop_ratio
-    target = hgt * wid * (lo + (hi - lo) * u[:, 0:2 * _TRIES:2])  # N x 10
-    aspect = _exp(math.log(r_lo) + (math.log(r_hi) - math.log(r_lo)) * u[:, 1:2 * _TRIES:2])  # N x 10
-    w = np.floor(np.sqrt(target * aspect) + 0.5)  # N x 10
-    h = np.floor(np.sqrt(target / aspect) + 0.5)
-    fits = (w > 0) & (w <= wid) & (h > 0) & (h <= hgt)  # N x 10
-    rows, k = np.arange(len(u)), fits.argmax(axis=1)  # k: the first try that fits (0 when none does)
-    h, w = h[rows, k], w[rows, k]  # N
-    hgt, wid = hgt[:, 0], wid[:, 0]
-    box = np.stack([np.floor(u[rows, 2 + 2 * k] * (hgt - h + 1)), np.floor(u[rows, 3 + 2 * k] * (wid - w + 1)),
-                    h, w, u[rows, 4 + 2 * k] < v.flip_p], axis=1)  # N x 5: top, left, h, w, flip
-    # no try fits: the whole image narrowed to the nearest allowed aspect, centred
-    fb_w = np.where(wid > hgt * r_hi, np.floor(hgt * r_hi + 0.5), wid)
-    fb_h = np.where(wid < hgt * r_lo, np.floor(wid / r_lo + 0.5), hgt)
-    fallback = np.stack([np.floor((hgt - fb_h) / 2), np.floor((wid - fb_w) / 2), fb_h, fb_w,
-                         u[:, 2 * _TRIES] < v.flip_p], axis=1)  # N x 5
-    box = np.where(fits.any(axis=1)[:, None], box, fallback).astype(np.float32)
-    return np.ascontiguousarray(box[:, 0:2]), box[:, 0:2] + box[:, 2:4], box[:, 4].astype(np.int32)
 
 
 def jitter_factors(v: ViewSpec, p: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -399,8 +343,10 @@ def view_plan(u: np.ndarray, heights, widths, v: ViewSpec, finish: bool = True) 
     reference's; the graph rounded its range constants to float32, so a factor (rarely a box) can
     differ in its last bit from the values of that older graph, and a run resumed across that change
     does not see its earlier views bit for bit."""
-    start, end, flip = crop_boxes(heights, widths, u[:, :CROP_DRAWS], v)
-    plan = {"start": start, "end": end, "mirror": flip}
+    box = crop_boxes(heights, widths, u[:, :CROP_DRAWS], v)  # N x 5 int64
+    # N x 2, C-contiguous as external_source needs (a column pick can come back Fortran-ordered)
+    start, size = (np.ascontiguousarray(box[:, cols], np.float32) for cols in ([TOP, LEFT], [HEIGHT, WIDTH]))
+    plan = {"start": start, "end": start + size, "mirror": box[:, FLIP].astype(np.int32)}
     if not finish:
         return plan
     p = u[:, CROP_DRAWS:]

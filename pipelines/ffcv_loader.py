@@ -9,11 +9,12 @@ Here the pipeline is
            and flips, then one parallel numba kernel resamples every view) [-> FinishViews]
     label: IntDecoder -> ToTensor
 
-The crop boxes follow `fastairl.data.augment.sample_crop`'s rule (torchvision's RandomResizedCrop)
-in numba (`draw_crops`), from a counter-based stream keyed by (seed, epoch, index, view): a pure
-function of those, so resume is exact and the process layout does not matter. It is a different
-stream from the torch reference's numpy one (same distribution, tested; not the same boxes): drawing
-through numpy Generators cost ~0.15-0.3 ms per image in FFCV's single Python stage, a serial
+The crop boxes follow `fastairl.data.augment.sample_crop`'s rule (torchvision's RandomResizedCrop):
+`draw_crops` maps the uniforms of a counter-based stream keyed by (seed, epoch, index, view) with
+`fastairl.data.draws.crop_boxes`, vectorised over the batch, as the DALI backend does (same boxes). A
+pure function of those keys, so resume is exact and the process layout does not matter. It is a
+different stream from the torch reference's numpy Generators (same distribution, tested; not the
+same boxes): a Generator per image cost ~0.15-0.3 ms in FFCV's single Python stage, a serial
 bottleneck next to ~1.5 ms of decode spread over the decode threads. The resampler is PIL's BILINEAR
 filter (triangle, widened when shrinking: torchvision's `antialias=True`), crop-then-resize like
 `TF.resized_crop`, within one uint8 level of it.
@@ -43,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from queue import Empty, Full
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numba
 import numpy as np
@@ -62,10 +63,11 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ColorParams, jitter_ranges,
-                                   spec_from_config)
+from fastairl.data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, ColorParams, ViewSpec,
+                                   jitter_ranges, spec_from_config)
 from fastairl.data.cv_aug import cv2, finish_view, normalize_lut
 from fastairl.data.datasets import DataError, eval_indices, select_classes
+from fastairl.data.draws import CROP_DRAWS, crop_boxes, uniforms
 from fastairl.data.taxonomy import label_map_remap
 from fastairl.pipelines.convert import manifest_path
 from fastairl.pipelines.torch_ref import EpochBatchSampler
@@ -153,115 +155,60 @@ def resample_batch(images, heights, widths, params, out):
             _resample(img, params[i, v], out[v, i])
 
 
-# ------------------------------------------------------------------------- numba crop sampler
-# A counter-based stream (splitmix64) keyed by (seed, epoch, index, view): the draws of a sample are a
-# pure function of those, whichever thread, worker or rank makes them, so resume is exact.
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+# ------------------------------------------------------------------------------------ the draws
+# View v's crop box and flip come from the stream keyed by (seed, epoch, index, v), its colour draws
+# from the one keyed by (seed, epoch, index, COLOR_STREAM + v): fastairl.data.draws' counter-based
+# streams, the DALI backend's too, so the two backends cut the same boxes. A sample's draws are a pure
+# function of those keys, whichever thread, worker or rank makes them, so resume is exact. They are
+# drawn for the whole batch at once, vectorised, in the per-batch Python stage.
+JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA, SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
+COLOR_STREAM = 1 << 32
+COLOR_DRAWS = 12  # the jitter coin, 3 for the order, 4 factors, grey, blur, sigma, solarise
 
 
-@numba.njit(cache=True, nogil=True)
-def _mix(x):
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+def _shuffles() -> np.ndarray:
+    """4 x 3 x 2 x 4: the order of the four jitter ops after Fisher-Yates' swaps (3 <-> j3, 2 <-> j2,
+    1 <-> j1) from 0, 1, 2, 3: every order equally likely when j_k ~ U{0..k}."""
+    out = np.zeros((4, 3, 2, 4), np.int64)
+    for j3, j2, j1 in np.ndindex(4, 3, 2):
+        order = [0, 1, 2, 3]
+        for k, j in ((3, j3), (2, j2), (1, j1)):
+            order[k], order[j] = order[j], order[k]
+        out[j3, j2, j1] = order
+    return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _key(seed, epoch, index, view):
-    h = _mix(np.uint64(seed) + _GAMMA)
-    h = _mix(h ^ (np.uint64(epoch) + _GAMMA))
-    h = _mix(h ^ (np.uint64(index) + _GAMMA))
-    return _mix(h ^ (np.uint64(view) + _GAMMA))
+_SHUFFLES = _shuffles()
 
 
-@numba.njit(cache=True, nogil=True)
-def _uniform(state):
-    """Next U[0, 1) of the stream whose state is state[0]."""
-    state[0] += _GAMMA
-    return (_mix(state[0]) >> np.uint64(11)) * (1.0 / 9007199254740992.0)  # 53 bits / 2**53
-
-
-@numba.njit(cache=True, nogil=True)
-def _crop_box(state, height, width, geo, p):
-    """sample_crop's rule (torchvision's RandomResizedCrop.get_params) into p[TOP:WIDTH + 1]: area
-    ~ U(scale)·HW, log-aspect ~ U(log ratio), ten tries, then the central crop clamped to the ratios."""
-    area = height * width
-    for _ in range(10):
-        target = area * (geo[0] + (geo[1] - geo[0]) * _uniform(state))
-        aspect = math.exp(geo[2] + (geo[3] - geo[2]) * _uniform(state))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            p[TOP] = int(_uniform(state) * (height - h + 1))
-            p[LEFT] = int(_uniform(state) * (width - w + 1))
-            p[HEIGHT], p[WIDTH] = h, w
-            return
-    in_ratio = width / height
-    if in_ratio < math.exp(geo[2]):
-        w, h = width, int(round(width / math.exp(geo[2])))
-    elif in_ratio > math.exp(geo[3]):
-        h, w = height, int(round(height * math.exp(geo[3])))
-    else:
-        w, h = width, height
-    p[TOP], p[LEFT], p[HEIGHT], p[WIDTH] = (height - h) // 2, (width - w) // 2, h, w
-
-
-@numba.njit(cache=True, nogil=True)
-def draw_crops(seed, epoch, indices, heights, widths, geometry, size):
-    """N x V x 9 resample parameters: view v of sample indices[i] gets a crop box and a flip (with
-    probability geometry[v, 4]) from its own stream; geometry[v] = scale lo, hi, log ratio lo, hi, flip_p."""
-    params = np.zeros((len(indices), geometry.shape[0], 9), np.int64)
-    state = np.zeros(1, np.uint64)
-    for i in range(len(indices)):
-        for v in range(geometry.shape[0]):
-            p = params[i, v]
-            state[0] = _key(seed, epoch, indices[i], v)
-            _crop_box(state, heights[i], widths[i], geometry[v], p)
-            p[FLIP] = _uniform(state) < geometry[v, 4]
-            p[OUT_H] = p[OUT_W] = size
+def draw_crops(seed, epoch, indices, heights, widths, views: Sequence[ViewSpec], size: int) -> np.ndarray:
+    """N x V x 9 resample parameters: view v of sample indices[i] gets sample_crop's box and a flip
+    (`draws.crop_boxes`) from its own stream, resized to size x size."""
+    params = np.zeros((len(indices), len(views), 9), np.int64)
+    for k, v in enumerate(views):
+        params[:, k, [TOP, LEFT, HEIGHT, WIDTH, FLIP]] = crop_boxes(
+            heights, widths, uniforms(seed, epoch, indices, k, CROP_DRAWS), v)
+    params[:, :, OUT_H] = params[:, :, OUT_W] = size
     return params
 
 
-def view_geometry(spec: AugmentSpec) -> np.ndarray:
-    """V x 5 float64: crop scale lo, hi, log ratio lo, hi, flip probability of each view."""
-    return np.array([[*v.crop_scale, math.log(v.crop_ratio[0]), math.log(v.crop_ratio[1]), v.flip_p]
-                     for v in spec.views], np.float64)
-
-
-# ------------------------------------------------------------------------ numba colour sampler
-# Columns of a colour draw (one view of one sample): sample_color's ColorParams, flip aside (drawn with
-# the crop). Each view's draws come from a stream of their own, keyed by (seed, epoch, index,
-# COLOR_STREAM + view), so they are independent of the crop draws and, like them, a pure function of
-# the sample: resume is exact and neither the batch, the rank nor the thread matters.
-JITTER, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY, BLUR, SIGMA, SOLARIZE = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
-COLOR_STREAM = 1 << 32
-
-
-@numba.njit(cache=True, nogil=True)
-def draw_colors(seed, epoch, indices, ranges):
+def draw_colors(seed, epoch, indices, ranges: np.ndarray) -> np.ndarray:
     """N x V x 13 float64 colour draws (the columns JITTER..SOLARIZE; ORDER holds a permutation of
     0..3 in 4 columns) with sample_color's distributions; ranges[v] = jitter_p, brightness lo, hi,
     contrast lo, hi, saturation lo, hi, hue lo, hi, gray_p, blur_p, sigma lo, hi, solarize_p."""
-    out = np.zeros((len(indices), ranges.shape[0], 13), np.float64)
-    state = np.zeros(1, np.uint64)
-    order = np.zeros(4, np.int64)
-    for i in range(len(indices)):
-        for v in range(ranges.shape[0]):
-            r, d = ranges[v], out[i, v]
-            state[0] = _key(seed, epoch, indices[i], COLOR_STREAM + v)
-            d[JITTER] = _uniform(state) < r[0]
-            for k in range(4):
-                order[k] = k
-            for k in range(3, 0, -1):  # Fisher-Yates: every order of the four jitter ops equally likely
-                j = int(_uniform(state) * (k + 1))
-                order[k], order[j] = order[j], order[k]
-            d[ORDER: ORDER + 4] = order
-            for k in range(4):  # brightness, contrast, saturation factors, hue shift
-                d[BRIGHTNESS + k] = r[1 + 2 * k] + (r[2 + 2 * k] - r[1 + 2 * k]) * _uniform(state)
-            d[GRAY] = _uniform(state) < r[9]
-            d[BLUR] = _uniform(state) < r[10]
-            d[SIGMA] = r[11] + (r[12] - r[11]) * _uniform(state)
-            d[SOLARIZE] = _uniform(state) < r[13]
+    out = np.zeros((len(indices), len(ranges), 13), np.float64)
+    for v, r in enumerate(ranges):
+        u = uniforms(seed, epoch, indices, COLOR_STREAM + v, COLOR_DRAWS)  # N x 12, read in that order
+        d = out[:, v]  # N x 13
+        d[:, JITTER] = u[:, 0] < r[0]
+        j = (u[:, 1:4] * [4, 3, 2]).astype(np.int64)  # N x 3: Fisher-Yates' j3, j2, j1
+        d[:, ORDER: ORDER + 4] = _SHUFFLES[j[:, 0], j[:, 1], j[:, 2]]
+        for k in range(4):  # brightness, contrast, saturation factors, hue shift
+            d[:, BRIGHTNESS + k] = r[1 + 2 * k] + (r[2 + 2 * k] - r[1 + 2 * k]) * u[:, 4 + k]
+        d[:, GRAY] = u[:, 8] < r[9]
+        d[:, BLUR] = u[:, 9] < r[10]
+        d[:, SIGMA] = r[11] + (r[12] - r[11]) * u[:, 10]
+        d[:, SOLARIZE] = u[:, 11] < r[13]
     return out
 
 
@@ -380,11 +327,11 @@ class CropFlipViews(_ResampleStage):
         if len(sizes) != 1:
             raise ValueError(f"the FFCV loader needs one crop size for all views, got {sorted(sizes)}")
         super().__init__(spec.num_views, sizes.pop(), channels_last)
-        self.geometry = view_geometry(spec)
+        self.views = spec.views
         self.seed, self.epoch = seed % 2**64, 0
 
     def params(self, indices, heights, widths) -> np.ndarray:
-        return draw_crops(self.seed, self.epoch, indices, heights, widths, self.geometry, self.size)
+        return draw_crops(self.seed, self.epoch, indices, heights, widths, self.views, self.size)
 
 
 class CentreCrop(_ResampleStage):

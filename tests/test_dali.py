@@ -9,6 +9,7 @@ resume, evaluation and seam behaviour are compared with the torch backend's.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import re
@@ -29,6 +30,7 @@ import fastairl.pipelines.dali as D  # noqa: E402
 from fastairl.config import Config  # noqa: E402
 from fastairl.data.augment import AugmentSpec, ViewSpec, make_spec, sample_crop  # noqa: E402
 from fastairl.data.datasets import DataError, scan_folder  # noqa: E402
+from fastairl.data.draws import CROP_DRAWS, crop_boxes, uniforms  # noqa: E402
 from fastairl.pipelines import build_eval_loader, build_train_loader  # noqa: E402
 from fastairl.pipelines.torch_ref import EvalLoader, TorchTrainLoader, augment_view  # noqa: E402
 from tiny_runs import losses, one_torch_thread, run, small_folder, train_cmd, write_recipe  # noqa: E402
@@ -257,73 +259,29 @@ def test_draws_are_uniform_and_keyed_by_seed_epoch_sample_and_view():
         assert abs(np.corrcoef(u.reshape(-1), other.reshape(-1))[0, 1]) < 0.02  # seed, epoch, view
 
 
-def _crop_rule(u, height: int, width: int, v: ViewSpec) -> tuple[tuple[int, int, int, int, bool], bool]:
-    """fastairl.data.augment.sample_crop's rule, line by line, reading its uniforms in order from `u`
-    (then the flip): what crop_boxes must compute. -> ((top, left, h, w, flip), whether no try fit)"""
-    u = iter(u)
-    area = height * width
-    log_r = (math.log(v.crop_ratio[0]), math.log(v.crop_ratio[1]))
-    for _ in range(10):
-        target = area * (v.crop_scale[0] + (v.crop_scale[1] - v.crop_scale[0]) * next(u))
-        aspect = math.exp(log_r[0] + (log_r[1] - log_r[0]) * next(u))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top, left = int(next(u) * (height - h + 1)), int(next(u) * (width - w + 1))
-            return (top, left, h, w, next(u) < v.flip_p), False
-    in_ratio = width / height
-    if in_ratio < v.crop_ratio[0]:
-        w, h = width, int(round(width / v.crop_ratio[0]))
-    elif in_ratio > v.crop_ratio[1]:
-        h, w = height, int(round(height * v.crop_ratio[1]))
-    else:
-        w, h = width, height
-    return ((height - h) // 2, (width - w) // 2, h, w, next(u) < v.flip_p), True
-
-
-CROP_VIEWS = (ViewSpec(), ViewSpec(crop_scale=(0.9, 1.0), crop_ratio=(0.5, 0.6), flip_p=0.3))
-
-
-def _crop_windows(heights, widths, u) -> np.ndarray:
-    """crop_boxes of every CROP_VIEWS view: n x V x (top, left, h, w, flip)."""
-    out = []
-    for k, v in enumerate(CROP_VIEWS):
-        start, end, flip = D.crop_boxes(heights, widths, u[:, k, :D.CROP_DRAWS], v)
-        assert start.dtype == end.dtype == np.float32 and flip.dtype == np.int32
-        out.append(np.concatenate([start, end - start, flip[:, None]], axis=1))
-    return np.stack(out, axis=1).astype(np.int64)
-
-
-def _shapes(n: int):
-    """Image sizes from 1 px to 2000 px, a fifth of them so elongated that no try fits (the fallback)."""
+def test_crop_windows_are_crop_boxes_of_the_crop_stream_as_in_ffcv():
+    """view_plan's start / end / mirror are draws.crop_boxes of each view's crop stream: the boxes and
+    flips of the FFCV backend's draw_crops for the same (seed, epoch, index, view)."""
     rng = np.random.default_rng(1)
-    h, w = rng.integers(1, 600, n), rng.integers(1, 600, n)
-    h[: n // 5], w[: n // 5] = rng.integers(1, 30, n // 5), rng.integers(300, 2000, n // 5)
-    return h, w
-
-
-def test_crop_boxes_are_sample_crops_rule():
-    h, w = _shapes(3000)
-    u = D.draws(5, 3, np.arange(len(h)), len(CROP_VIEWS))
-    got = _crop_windows(h, w, u)
-    fallbacks = 0
-    for i in range(len(h)):
-        for k, v in enumerate(CROP_VIEWS):
-            want, fell_back = _crop_rule(u[i, k], int(h[i]), int(w[i]), v)
-            assert tuple(got[i, k]) == want, (i, k, int(h[i]), int(w[i]))
-            fallbacks += fell_back
-    assert fallbacks > 500  # the fallback branch was exercised
-
-
-def test_crop_boxes_and_flips_are_the_ffcv_backends():
-    pytest.importorskip("ffcv")
-    from fastairl.pipelines import ffcv_loader as F
-
-    h, w = _shapes(2000)
+    h, w = rng.integers(1, 600, 2000), rng.integers(1, 600, 2000)
+    h[:400] = rng.integers(1, 30, 400)  # so elongated that no try fits: the fallback
+    views = (ViewSpec(), ViewSpec(crop_scale=(0.9, 1.0), crop_ratio=(0.5, 0.6), flip_p=0.3))
     idx = np.arange(len(h)) + 7
-    want = F.draw_crops(5, 3, idx.astype(np.int64), h.astype(np.int64), w.astype(np.int64),
-                        F.view_geometry(AugmentSpec(CROP_VIEWS)), S)[..., [F.TOP, F.LEFT, F.HEIGHT, F.WIDTH, F.FLIP]]
-    assert np.array_equal(_crop_windows(h, w, D.draws(5, 3, idx, len(CROP_VIEWS))), want)
+    u = D.draws(5, 3, idx, len(views))
+    got = []
+    for k, v in enumerate(views):
+        plan = D.view_plan(u[:, k], h, w, v, finish=False)
+        assert plan["start"].dtype == plan["end"].dtype == np.float32 and plan["mirror"].dtype == np.int32
+        assert all(a.flags.c_contiguous for a in plan.values())  # external_source takes no strides
+        got.append(np.concatenate([plan["start"], plan["end"] - plan["start"], plan["mirror"][:, None]], axis=1))
+    got = np.stack(got, axis=1).astype(np.int64)  # N x V x (top, left, h, w, flip)
+    for k, v in enumerate(views):
+        assert np.array_equal(got[:, k], crop_boxes(h, w, uniforms(5, 3, idx, k, CROP_DRAWS), v))
+    if importlib.util.find_spec("ffcv") is not None:
+        from fastairl.pipelines import ffcv_loader as F
+
+        want = F.draw_crops(5, 3, idx, h, w, views, S)[..., [F.TOP, F.LEFT, F.HEIGHT, F.WIDTH, F.FLIP]]
+        assert np.array_equal(got, want)
 
 
 def test_image_size_reads_the_stored_size_from_the_header(photo_root, tmp_path):

@@ -148,15 +148,14 @@ def test_resampler_matches_torchvision_resized_crop(photos):
 
 
 def test_crop_distribution_matches_sample_crop():
-    """draw_crops (numba, counter-based) against the shared numpy sampler: area fraction, log aspect
+    """draw_crops (counter-based) against the torch reference's sampler: area fraction, log aspect
     and position by two-sample KS tests, and the central-crop fallback rate on an extreme shape."""
     from scipy.stats import ks_2samp
 
     v = SPEC.views[0]
-    geo = F.view_geometry(SPEC)
     n = 3000
     for h, w in ((375, 500), (500, 333), (24, 400)):
-        ours = F.draw_crops(0, 0, np.arange(n, dtype=np.uint64), np.full(n, h), np.full(n, w), geo, S)[:, 0]
+        ours = F.draw_crops(0, 0, np.arange(n, dtype=np.uint64), np.full(n, h), np.full(n, w), SPEC.views, S)[:, 0]
         rng = np.random.default_rng(1)
         ref = np.array([sample_crop(rng, h, w, v.crop_scale, v.crop_ratio) for _ in range(n)])
         stats = lambda b: (b[:, 2] * b[:, 3] / (h * w), np.log(b[:, 3] / b[:, 2]),  # noqa: E731
@@ -172,21 +171,21 @@ def test_crop_distribution_matches_sample_crop():
 
 
 def test_flip_rate_and_draws_are_keyed_by_seed_epoch_index():
-    geo = F.view_geometry(AugmentSpec(views=(SPEC.views[0], replace(SPEC.views[0], flip_p=0.2))))
+    views = (SPEC.views[0], replace(SPEC.views[0], flip_p=0.2))
     idx = np.arange(4000, dtype=np.uint64)
-    p = F.draw_crops(5, 2, idx, np.full(4000, 375), np.full(4000, 500), geo, S)
+    p = F.draw_crops(5, 2, idx, np.full(4000, 375), np.full(4000, 500), views, S)
     for v, rate in ((0, 0.5), (1, 0.2)):
         assert abs(p[:, v, F.FLIP].mean() - rate) < 4 * math.sqrt(rate * (1 - rate) / 4000)
     assert not np.array_equal(p[:, 0, :4], p[:, 1, :4])  # the views draw independently
-    again = F.draw_crops(5, 2, idx[::-1].copy(), np.full(4000, 375), np.full(4000, 500), geo, S)
+    again = F.draw_crops(5, 2, idx[::-1].copy(), np.full(4000, 375), np.full(4000, 500), views, S)
     assert np.array_equal(again[::-1], p)  # a function of the index, not of the batch position
     for other in ((6, 2), (5, 3)):
-        q = F.draw_crops(*other, idx, np.full(4000, 375), np.full(4000, 500), geo, S)
+        q = F.draw_crops(*other, idx, np.full(4000, 375), np.full(4000, 500), views, S)
         assert (q[:, 0, :4] != p[:, 0, :4]).any(axis=1).mean() > 0.99
 
 
 def test_color_draws_follow_sample_color():
-    """draw_colors (numba, counter-based) against the shared numpy sampler: coin rates, the factor
+    """draw_colors (counter-based) against the torch reference's sampler: coin rates, the factor
     and sigma distributions (KS), every jitter order equally likely; keyed by (seed, epoch, index)."""
     from scipy.stats import ks_2samp
 
@@ -212,7 +211,7 @@ def test_color_draws_follow_sample_color():
     factors = slice(F.BRIGHTNESS, F.HUE + 1)
     for other in ((6, 2), (5, 3)):
         assert (F.draw_colors(*other, idx, ranges)[:, :, factors] != d[:, :, factors]).all()
-    crops = F.draw_crops(5, 2, idx, np.full(4000, 375), np.full(4000, 500), F.view_geometry(SPEC), S)
+    crops = F.draw_crops(5, 2, idx, np.full(4000, 375), np.full(4000, 500), SPEC.views, S)
     both = crops[:, 0, F.FLIP] + 2 * d[:, 0, F.GRAY]  # the colour stream is not the crop stream
     assert _binomial_ok(int((both == 3).sum()), 4000, SPEC.views[0].flip_p * SPEC.views[0].gray_p)
 
@@ -263,7 +262,7 @@ def test_views_are_torchvision_crops_of_one_image_in_the_torch_order(loader, pho
         assert labels.tolist() == [samples[i][1] for i in index]
         heights = np.array([_rgb(samples[i][0]).height for i in index])
         widths = np.array([_rgb(samples[i][0]).width for i in index])
-        params = F.draw_crops(3, 1, index, heights, widths, F.view_geometry(SPEC), S)
+        params = F.draw_crops(3, 1, index, heights, widths, SPEC.views, S)
         for k, x in enumerate(views):
             assert x.shape == (GLOBAL_BATCH, 3, S, S) and x.dtype == torch.uint8 and x.is_contiguous()
             for j, i in enumerate(index):
@@ -310,7 +309,7 @@ def test_jpg_file_decodes_close_to_pil(jpg_beton, photos):
                      np.uint64)
     sizes = [_rgb(samples[i][0]).size for i in index]
     params = F.draw_crops(3, 0, index, np.array([h for _, h in sizes]), np.array([w for w, _ in sizes]),
-                          F.view_geometry(SPEC), S)
+                          SPEC.views, S)
     ref = torch.stack([_reference_view(_rgb(samples[i][0]), params[j, 0]) for j, i in enumerate(index)])
     diff = (views[0].float() - ref.float()).abs()
     assert diff.mean() < 2.0 and diff.amax(dim=(1, 2, 3)).max() < 40, (diff.mean(), diff.max())
