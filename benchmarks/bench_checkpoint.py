@@ -8,11 +8,12 @@ back on the writer's thread), this measures in one process:
 
 1. `first_submit_s`: the first save's cost on the training thread (state_dict, the page-locked buffers
    allocated, the copy); `submit_s`: later saves, which reuse the buffers;
-2. `write_s`: from submit until the write is on disk;
-3. steps with a write running against steps without, interleaved: after each submit `--steps` steps
-   are timed, then, once the write is done, `--steps` more. `slowdown` = t_during / t_quiet per pair
-   (1.0: the write costs the steps nothing). `overlap` = the share of the `during` block that the
-   write covered (below 1, the block ended after the write: raise --steps' cost or lower --steps);
+2. `write_s`: from the return of submit until the write is on disk (the writer thread's time);
+3. steps with a write running against steps without, interleaved: after each submit, steps run (each
+   synchronised) until the write is done, at least `--steps` of them; once it is done, as many steps
+   run again. `slowdown` = t_during / t_quiet per pair (1.0: the write costs the steps nothing).
+   `overlap` = write_s / t_during: the share of the `during` block the write covered (below 1 when
+   `--steps` steps outlast the write; the block always holds the whole write);
 4. `pageable_copy_s`: the state copied tensor by tensor to pageable memory (what the snapshot's
    page-locked buffers replaced), for comparison.
 
@@ -73,34 +74,47 @@ def measure(cfg, accelerator, args, run_dir: Path) -> dict:
     step = lambda: fast(data.views, data.labels)  # noqa: E731
     B.timed_block(step, args.warmup, device)  # the optimiser's state exists from here on
     writer, ckpts = BackgroundWriter(), RunCheckpoints(run_dir)
-    submits, writes, during, quiet = [], [], [], []
+    def synced_step():
+        step()
+        B.sync(device)  # so that the host sees when the steps, not their launches, overlap the write
+
+    submits, writes, during, quiet, counts = [], [], [], [], []
     for r in range(args.repeats + 1):  # the first save allocates the page-locked buffers
         B.sync(device)
         t0 = time.perf_counter()
         done = {}
         writer.submit(lambda copy: (ckpts.save_last(copy), done.setdefault("t", time.perf_counter())),
                       train_state(fast, cfg))
-        submits.append(time.perf_counter() - t0)
-        t_during = B.timed_block(step, args.steps, device)
+        t1 = time.perf_counter()
+        n = 0
+        while n < args.steps or "t" not in done:  # the whole write inside the block
+            synced_step()
+            n += 1
+        t_during = time.perf_counter() - t1
         writer.wait()
-        writes.append(done["t"] - t0)
-        t_quiet = B.timed_block(step, args.steps, device)
+        t_quiet = B.timed_block(synced_step, n, device)
         if r:
+            submits.append(t1 - t0)
+            writes.append(done["t"] - t1)
             during.append(t_during)
             quiet.append(t_quiet)
+            counts.append(n)
+        else:
+            first_submit = t1 - t0
     B.sync(device)
     t0 = time.perf_counter()
     _to_cpu(train_state(fast, cfg))
     pageable = time.perf_counter() - t0
-    n = args.steps * cfg.train.batch_size
+    b = cfg.train.batch_size
     return {"state_mb": state_bytes(train_state(fast, cfg)) / 2**20,
             "checkpoint_file_mb": (run_dir / checkpoint.LAST).stat().st_size / 2**20,
-            "first_submit_s": submits[0], "submit_s": B.summary(submits[1:]), "write_s": B.summary(writes[1:]),
+            "first_submit_s": first_submit, "submit_s": B.summary(submits), "write_s": B.summary(writes),
             "pageable_copy_s": pageable if device.type == "cuda" else None,  # on the CPU there is nothing to copy
-            "img_per_s_during_write": B.summary([n / t for t in during]),
-            "img_per_s_quiet": B.summary([n / t for t in quiet]),
+            "steps_per_block": counts,
+            "img_per_s_during_write": B.summary([n * b / t for n, t in zip(counts, during)]),
+            "img_per_s_quiet": B.summary([n * b / t for n, t in zip(counts, quiet)]),
             "slowdown": B.summary([d / q for d, q in zip(during, quiet)]),
-            "overlap": B.summary([min(1.0, w / d) for w, d in zip(writes[1:], during)])}
+            "overlap": B.summary([w / d for w, d in zip(writes, during)])}
 
 
 def parse_args(argv=None):
@@ -158,7 +172,7 @@ def main(argv=None) -> dict:
           f"{res['checkpoint_file_mb']:.0f} MiB\n  first submit {res['first_submit_s']:.3f} s, later submits "
           f"{s('submit_s')}, pageable copy {res['pageable_copy_s'] or 0:.3f} s\n  write {s('write_s')}\n"
           f"  steps {res['img_per_s_quiet']['median']:.1f} img/s quiet, "
-          f"{res['img_per_s_during_write']['median']:.1f} during a write: slowdown "
+          f"{res['img_per_s_during_write']['median']:.1f} during a write ({res['steps_per_block']} steps): slowdown "
           f"{res['slowdown']['median']:.2f} (overlap {res['overlap']['median']:.2f})\nwrote {out}")
     return report
 

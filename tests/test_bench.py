@@ -75,6 +75,8 @@ def test_bench_checkpoint_quick(tmp_path):
         s = res[key]
         assert len(s["repeats"]) == repeats and all(_finite(v) and v > 0 for v in s["repeats"]), (key, s)
     assert _finite(res["first_submit_s"]) and res["first_submit_s"] > 0 and res["overlap"]["max"] <= 1
+    # the `during` block holds the whole write: at least --steps steps, more while the write runs
+    assert len(res["steps_per_block"]) == repeats and min(res["steps_per_block"]) >= report["params"]["steps"]
     # the file on disk holds the state measured (plus the config's text and the digest)
     assert 0.99 < res["checkpoint_file_mb"] / res["state_mb"] < 1.1, res
     assert not list(tmp_path.glob("ckpt_*"))  # the checkpoints' folder is removed

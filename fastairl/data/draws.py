@@ -61,8 +61,8 @@ def crop_boxes(heights, widths, u: np.ndarray, v: ViewSpec) -> np.ndarray:
         h_, w_, uk = hgt[left], wid[left], u[left, 2 * k: 2 * k + 5]  # uk: this try's uniforms
         target = h_ * w_ * (lo + (hi - lo) * uk[:, 0])
         aspect = _exp(log_lo + (log_hi - log_lo) * uk[:, 1])
-        w = np.floor(np.sqrt(target * aspect) + 0.5)  # round() of positive values
-        h = np.floor(np.sqrt(target / aspect) + 0.5)
+        w = np.rint(np.sqrt(target * aspect))  # Python's round(): halves to even
+        h = np.rint(np.sqrt(target / aspect))
         fits = (w > 0) & (w <= w_) & (h > 0) & (h <= h_)
         box[left[fits]] = np.stack([np.floor(uk[:, 2] * (h_ - h + 1)), np.floor(uk[:, 3] * (w_ - w + 1)),
                                     h, w, uk[:, 4] < v.flip_p], axis=1)[fits]
@@ -71,7 +71,7 @@ def crop_boxes(heights, widths, u: np.ndarray, v: ViewSpec) -> np.ndarray:
             break
     # no try fits: the whole image narrowed to the nearest allowed aspect, centred
     h_, w_ = hgt[left], wid[left]
-    w = np.where(w_ > h_ * r_hi, np.floor(h_ * r_hi + 0.5), w_)
-    h = np.where(w_ < h_ * r_lo, np.floor(w_ / r_lo + 0.5), h_)
+    w = np.where(w_ > h_ * r_hi, np.rint(h_ * r_hi), w_)
+    h = np.where(w_ < h_ * r_lo, np.rint(w_ / r_lo), h_)
     box[left] = np.stack([np.floor((h_ - h) / 2), np.floor((w_ - w) / 2), h, w, u[left, 2 * TRIES] < v.flip_p], axis=1)
     return box.astype(np.int64)
