@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step as B  # noqa: E402  (the recipe setup, timers and environment of the step benchmark)
 
-FULL = dict(arch="resnet18", crop=64, batch=32, steps=10, warmup=3, repeats=3)
-QUICK = dict(arch="resnet10", crop=32, batch=8, steps=2, warmup=1, repeats=2)
+FULL = dict(arch="resnet18", crop=64, batch=32, steps=10, warmup=3, repeats=3, threads=None)
+QUICK = dict(arch="resnet10", crop=32, batch=8, steps=2, warmup=1, repeats=2, threads=1)
 
 
 def train_state(fast: B.FastairlStep, cfg) -> dict:
@@ -61,9 +61,9 @@ def state_bytes(state) -> int:
 def measure(cfg, accelerator, args, run_dir: Path) -> dict:
     from fastairl import checkpoint
     from fastairl.checkpoint import BackgroundWriter, RunCheckpoints, _to_cpu
-    from fastairl.pipelines.torch_ref import SyntheticLoader
     from fastairl.data.augment import spec_from_config
     from fastairl.methods import num_views
+    from fastairl.pipelines.torch_ref import SyntheticLoader
 
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)
@@ -74,6 +74,7 @@ def measure(cfg, accelerator, args, run_dir: Path) -> dict:
     step = lambda: fast(data.views, data.labels)  # noqa: E731
     B.timed_block(step, args.warmup, device)  # the optimiser's state exists from here on
     writer, ckpts = BackgroundWriter(), RunCheckpoints(run_dir)
+
     def synced_step():
         step()
         B.sync(device)  # so that the host sees when the steps, not their launches, overlap the write
@@ -103,10 +104,10 @@ def measure(cfg, accelerator, args, run_dir: Path) -> dict:
             first_submit = t1 - t0
     B.sync(device)
     t0 = time.perf_counter()
-    _to_cpu(train_state(fast, cfg))
+    copy = _to_cpu(train_state(fast, cfg))
     pageable = time.perf_counter() - t0
     b = cfg.train.batch_size
-    return {"state_mb": state_bytes(train_state(fast, cfg)) / 2**20,
+    return {"state_mb": state_bytes(copy) / 2**20,
             "checkpoint_file_mb": (run_dir / checkpoint.LAST).stat().st_size / 2**20,
             "first_submit_s": first_submit, "submit_s": B.summary(submits), "write_s": B.summary(writes),
             "pageable_copy_s": pageable if device.type == "cuda" else None,  # on the CPU there is nothing to copy
@@ -136,14 +137,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="bench_out/checkpoint.json")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run on CPU")
     args = ap.parse_args(argv)
-    for k, v in (QUICK if args.quick else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.quick and args.threads is None:
-        args.threads = 1
-    for k in ("steps", "warmup", "repeats", "batch"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1")
+    B.apply_presets(ap, args, FULL, QUICK, ("steps", "warmup", "repeats", "batch"))
     args.workers = 0  # bench_step.method_config's data.workers: synthetic data, no loader
     return args
 

@@ -457,16 +457,21 @@ def parse_args(argv=None):
     ap.add_argument("--corpus", help="corpus cache folder (default: <folder of --out>/corpus)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in under a minute on CPU")
     args = ap.parse_args(argv)
-    for k, v in (QUICK if args.quick else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_presets(ap, args, FULL, QUICK, ("steps", "warmup", "repeats", "batch", "corpus_images"))
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.corpus is None:
         args.corpus = str(Path(args.out).parent / "corpus")
-    for k in ("steps", "warmup", "repeats", "batch", "corpus_images"):
+    return args
+
+
+def apply_presets(ap, args, full: dict, quick: dict, positive) -> None:
+    """Options left unset take the --quick or full preset's value; those in `positive` must be >= 1."""
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in positive:
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
-    return args
 
 
 def make_accelerator(args):
